@@ -1,0 +1,590 @@
+//! The sled-backed assertion store.
+//!
+//! # Durability contract
+//!
+//! `apply` commits every index entry, the tx log, idempotency keys and
+//! `applied_lsn` of its records in ONE `Tree::apply_batch`, so after a crash
+//! sled recovers either all of a call's effects or none of them, and the
+//! recovered `applied_lsn` says exactly which WAL records are reflected.
+//! sled may lose the most recent batches on a crash unless `flush` returned
+//! after them; the caller replays the WAL from `applied_lsn() + 1`.
+//!
+//! # Invariants
+//!
+//! - `applied_lsn` (in memory) is published only after the batch that
+//!   contains it is committed, so every index entry with `tx <= applied_lsn`
+//!   is visible to readers. Reads filter `tx <= basis`, so a concurrently
+//!   committing batch is never half-visible.
+//! - An entity-cache entry is the current view of its entity at every LSN
+//!   from its `basis_tx` up to the moment it is invalidated; `apply`
+//!   invalidates every touched entity before publishing its new LSN.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use rand::RngCore;
+use sled::{Batch, IVec};
+
+use super::codec::{decode_tx, encode_tx};
+use super::error::{corrupt, StoreError};
+use super::keys::{self, ClaimKey};
+use super::live::{claim_prefix, LiveClaims};
+use super::model::{ApplyOutcome, Fact, HistoryParams, Page, QueryParams, TxEntry, TxRecord};
+use super::page::{self, Cursor, TokenKind, TOKEN_SECRET_BYTES};
+
+/// The on-disk layout version this build reads and writes.
+const FORMAT_VERSION: u64 = 1;
+const TREE_NAME: &str = "stemedb";
+const META_FORMAT_VERSION: &str = "format_version";
+const META_APPLIED_LSN: &str = "applied_lsn";
+const META_TOKEN_SECRET: &str = "token_secret";
+const META_FACT_COUNT: &str = "fact_count";
+/// Upper bound on idempotency keys removed by one `purge_idempotency` call.
+pub const PURGE_KEYS_MAX: usize = 4096;
+
+/// Configuration of [`Store::open`].
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Directory of the sled database.
+    pub path: PathBuf,
+    /// sled page cache size.
+    pub cache_capacity_bytes: u64,
+    /// Entities kept in the current-view cache of `get` (0 disables it).
+    pub entity_cache_entries: u64,
+    /// Idempotency keys older than this are removed by `purge_idempotency`.
+    pub idempotency_retention: Duration,
+}
+
+/// A cheap-to-clone handle to one open store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct CachedEntity {
+    basis_tx: u64,
+    facts: Vec<Fact>,
+}
+
+struct Inner {
+    db: sled::Db,
+    tree: sled::Tree,
+    applied_lsn: AtomicU64,
+    fact_count: AtomicU64,
+    token_secret: [u8; TOKEN_SECRET_BYTES],
+    entity_cache: Option<moka::sync::Cache<String, Arc<CachedEntity>>>,
+    idempotency_retention: Duration,
+    /// Held for writing by `apply` and `purge_idempotency` (one writer at a
+    /// time) and for reading by a cache fill, so a fill never races the
+    /// commit, invalidate, publish sequence of an `apply`.
+    write_gate: RwLock<()>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `cfg.path`.
+    pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(&cfg.path)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            .open()?;
+        let tree = db.open_tree(TREE_NAME)?;
+        check_format(&tree)?;
+        let applied_lsn = read_meta_u64(&tree, META_APPLIED_LSN)?.unwrap_or(0);
+        let fact_count = read_meta_u64(&tree, META_FACT_COUNT)?.unwrap_or(0);
+        let token_secret = load_or_create_secret(&tree)?;
+        let entity_cache = (cfg.entity_cache_entries > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(cfg.entity_cache_entries)
+                .build()
+        });
+        let inner = Inner {
+            db,
+            tree,
+            applied_lsn: AtomicU64::new(applied_lsn),
+            fact_count: AtomicU64::new(fact_count),
+            token_secret,
+            entity_cache,
+            idempotency_retention: cfg.idempotency_retention,
+            write_gate: RwLock::new(()),
+        };
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The LSN of the last WAL record reflected in the store; 0 for a new store.
+    pub fn applied_lsn(&self) -> u64 {
+        self.inner.applied_lsn.load(Ordering::Acquire)
+    }
+
+    fn write_lock(&self) -> RwLockWriteGuard<'_, ()> {
+        // The guarded data is `()`, so a poisoned lock protects nothing broken.
+        self.inner
+            .write_gate
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, ()> {
+        self.inner
+            .write_gate
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies WAL records, in strictly increasing and dense LSN order
+    /// starting at `applied_lsn() + 1`; a gap or repeat is
+    /// `StoreError::LsnOrder` and applies nothing.
+    ///
+    /// All index entries, the tx log, idempotency keys and `applied_lsn`
+    /// commit atomically in one sled batch. A record whose idempotency key was
+    /// already applied (before, or earlier in this call) is a `Duplicate`: it
+    /// consumes its LSN but adds no facts and no tx-log entry.
+    pub fn apply(&self, records: &[(u64, TxRecord)]) -> Result<Vec<ApplyOutcome>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _gate = self.write_lock();
+        let first_lsn = self.applied_lsn() + 1;
+        let mut staged = Staged::default();
+        for (i, (lsn, rec)) in records.iter().enumerate() {
+            let expected = first_lsn + i as u64;
+            if *lsn != expected {
+                return Err(StoreError::LsnOrder {
+                    expected,
+                    got: *lsn,
+                });
+            }
+            let outcome = self.stage_record(&mut staged, *lsn, rec)?;
+            staged.outcomes.push(outcome);
+        }
+        let last_lsn = first_lsn + records.len() as u64 - 1;
+        let fact_count = self.inner.fact_count.load(Ordering::Relaxed) + staged.facts_added;
+        staged
+            .batch
+            .insert(keys::meta_key(META_APPLIED_LSN), &last_lsn.to_be_bytes());
+        staged
+            .batch
+            .insert(keys::meta_key(META_FACT_COUNT), &fact_count.to_be_bytes());
+        self.inner.tree.apply_batch(staged.batch)?;
+        if let Some(cache) = &self.inner.entity_cache {
+            for entity in &staged.touched {
+                cache.invalidate(entity.as_str());
+            }
+        }
+        self.inner.fact_count.store(fact_count, Ordering::Relaxed);
+        self.inner.applied_lsn.store(last_lsn, Ordering::Release);
+        Ok(staged.outcomes)
+    }
+
+    fn stage_record(
+        &self,
+        staged: &mut Staged,
+        lsn: u64,
+        rec: &TxRecord,
+    ) -> Result<ApplyOutcome, StoreError> {
+        if let Some(key) = &rec.idempotency_key {
+            let earlier = match staged.new_keys.get(key) {
+                Some(&v) => Some(v),
+                None => self.lookup_idempotency(key)?,
+            };
+            if let Some((original_tx, recorded_at_micros)) = earlier {
+                return Ok(ApplyOutcome::Duplicate {
+                    original_tx,
+                    recorded_at_micros,
+                });
+            }
+            staged
+                .new_keys
+                .insert(key.clone(), (lsn, rec.recorded_at_micros));
+            staged.batch.insert(
+                keys::idem_key(key),
+                &keys::encode_idem_value(lsn, rec.recorded_at_micros),
+            );
+            staged.batch.insert(
+                &keys::idem_by_time_key(rec.recorded_at_micros, lsn),
+                key.as_bytes(),
+            );
+        }
+        for (pos, a) in rec.assertions.iter().enumerate() {
+            let pos = u32::try_from(pos)
+                .map_err(|_| corrupt(format!("tx {lsn} has more than u32::MAX assertions")))?;
+            let payload = keys::encode_claim_payload(a, rec.recorded_at_micros);
+            for k in keys::claim_keys(a, lsn, pos) {
+                staged.batch.insert(k, payload.as_slice());
+            }
+            let history = keys::encode_history_payload(a, rec.recorded_at_micros);
+            for k in keys::history_keys(a, lsn, pos) {
+                staged.batch.insert(k, history.as_slice());
+            }
+            if !staged.touched.contains(&a.entity) {
+                staged.touched.insert(a.entity.clone());
+            }
+        }
+        staged.batch.insert(&keys::txlog_key(lsn), encode_tx(rec));
+        staged.facts_added += rec.assertions.len() as u64;
+        Ok(ApplyOutcome::Applied {
+            tx: lsn,
+            recorded_at_micros: rec.recorded_at_micros,
+        })
+    }
+
+    /// The `(tx, recorded_at_micros)` that first applied `key`, if retained.
+    pub fn lookup_idempotency(&self, key: &str) -> Result<Option<(u64, i64)>, StoreError> {
+        match self.inner.tree.get(keys::idem_key(key))? {
+            Some(v) => Ok(Some(keys::decode_idem_value(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// `as_of` None or 0 means current; later than current is clamped.
+    fn effective_basis(&self, as_of_tx: Option<u64>, current: u64) -> u64 {
+        match as_of_tx {
+            None | Some(0) => current,
+            Some(t) => t.min(current),
+        }
+    }
+
+    /// Every live claim of `entity` as of `as_of_tx`, in (attribute, value,
+    /// source) order, and the basis tx of the answer.
+    pub fn get(&self, entity: &str, as_of_tx: Option<u64>) -> Result<(Vec<Fact>, u64), StoreError> {
+        let current = self.applied_lsn();
+        let basis = self.effective_basis(as_of_tx, current);
+        let cache = self
+            .inner
+            .entity_cache
+            .as_ref()
+            .filter(|_| basis == current);
+        if let Some(cache) = cache {
+            if let Some(hit) = cache.get(entity) {
+                // The entry was current at every LSN from its basis until now.
+                return Ok((hit.facts.clone(), hit.basis_tx.max(basis)));
+            }
+        }
+        let facts = self.scan_entity(entity, basis)?;
+        if let Some(cache) = cache {
+            let _gate = self.read_lock();
+            // Only if no apply published since `basis` was read: otherwise
+            // it may have touched this entity and the answer is already stale.
+            if self.applied_lsn() == basis {
+                cache.insert(
+                    entity.to_string(),
+                    Arc::new(CachedEntity {
+                        basis_tx: basis,
+                        facts: facts.clone(),
+                    }),
+                );
+            }
+        }
+        Ok((facts, basis))
+    }
+
+    fn scan_entity(&self, entity: &str, basis: u64) -> Result<Vec<Fact>, StoreError> {
+        let prefix = keys::eavt_entity_prefix(entity);
+        let mut live = LiveClaims::new(self.inner.tree.scan_prefix(&prefix), basis);
+        let mut facts = Vec::new();
+        while let Some((k, v)) = live.next_live()? {
+            facts.push(claim_fact(keys::decode_eavt(&k)?, &v)?);
+        }
+        Ok(facts)
+    }
+
+    /// Live claims with `q.attribute` (optionally one value and/or source) as
+    /// of `q.as_of_tx`, ordered by (value, entity, source), one page.
+    pub fn query(&self, q: &QueryParams, page_token: Option<&str>) -> Result<Page, StoreError> {
+        let limit = q.limit.max(1);
+        let params = page::query_params_hash(q);
+        let prefix = keys::avet_prefix(&q.attribute, q.value.as_ref());
+        let (basis, start) = match page_token {
+            None => (
+                self.effective_basis(q.as_of_tx, self.applied_lsn()),
+                Bound::Included(prefix.clone()),
+            ),
+            Some(token) => {
+                let cursor = self.open_token(TokenKind::Query, &params, token, &prefix)?;
+                // Every version key of the resumed claim is `claim | 12 bytes`,
+                // all <= `claim | 0xFF * 12`; every later claim sorts above.
+                let mut after = cursor.resume_key;
+                after.extend_from_slice(&[0xFF; keys::VERSION_SUFFIX_BYTES]);
+                (cursor.basis_tx, Bound::Excluded(after))
+            }
+        };
+        let end = keys::prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
+        let mut live = LiveClaims::new(self.inner.tree.range::<Vec<u8>, _>((start, end)), basis);
+        let mut facts = Vec::with_capacity(limit.min(1024));
+        let mut last_claim: Vec<u8> = Vec::new();
+        let mut next_page_token = None;
+        while let Some((k, v)) = live.next_live()? {
+            let ck = keys::decode_avet(&k)?;
+            if q.source.as_ref().is_some_and(|s| *s != ck.source) {
+                continue;
+            }
+            if facts.len() == limit {
+                let cursor = Cursor {
+                    basis_tx: basis,
+                    resume_key: last_claim,
+                };
+                next_page_token = Some(page::seal(
+                    &self.inner.token_secret,
+                    TokenKind::Query,
+                    &params,
+                    &cursor,
+                ));
+                break;
+            }
+            last_claim = claim_prefix(&k)?.to_vec();
+            facts.push(claim_fact(ck, &v)?);
+        }
+        debug_assert!(facts.len() <= limit);
+        Ok(Page {
+            facts,
+            next_page_token,
+            basis_tx: basis,
+        })
+    }
+
+    fn open_token(
+        &self,
+        kind: TokenKind,
+        params: &page::ParamsHash,
+        token: &str,
+        prefix: &[u8],
+    ) -> Result<Cursor, StoreError> {
+        let cursor = page::open(&self.inner.token_secret, kind, params, token)?;
+        if !cursor.resume_key.starts_with(prefix) || cursor.basis_tx > self.applied_lsn() {
+            return Err(StoreError::InvalidPageToken(
+                "resume position does not match the request".into(),
+            ));
+        }
+        Ok(cursor)
+    }
+
+    /// Every assertion and retraction of `h.entity` (optionally one
+    /// attribute) with `since_tx <= tx <= until_tx`, in (tx, position) order.
+    /// `until_tx` is clamped to the basis (applied_lsn at the first page).
+    pub fn history(&self, h: &HistoryParams, page_token: Option<&str>) -> Result<Page, StoreError> {
+        let limit = h.limit.max(1);
+        let params = page::history_params_hash(h);
+        let prefix = keys::history_prefix(&h.entity, h.attribute.as_deref());
+        let since = h.since_tx.unwrap_or(0);
+        let (basis, start) = match page_token {
+            None => (
+                self.applied_lsn(),
+                Bound::Included(keys::with_version(&prefix, since, 0)),
+            ),
+            Some(token) => {
+                let cursor = self.open_token(TokenKind::History, &params, token, &prefix)?;
+                (cursor.basis_tx, Bound::Excluded(cursor.resume_key))
+            }
+        };
+        let until = h.until_tx.unwrap_or(u64::MAX).min(basis);
+        let mut page = Page {
+            facts: Vec::new(),
+            next_page_token: None,
+            basis_tx: basis,
+        };
+        if since > until {
+            return Ok(page);
+        }
+        let end = Bound::Included(keys::with_version(&prefix, until, u32::MAX));
+        let mut last_key = IVec::default();
+        for kv in self.inner.tree.range::<Vec<u8>, _>((start, end)) {
+            let (k, v) = kv?;
+            if page.facts.len() == limit {
+                let cursor = Cursor {
+                    basis_tx: basis,
+                    resume_key: last_key.to_vec(),
+                };
+                page.next_page_token = Some(page::seal(
+                    &self.inner.token_secret,
+                    TokenKind::History,
+                    &params,
+                    &cursor,
+                ));
+                break;
+            }
+            let (tx, _pos) = keys::version_of(&k)?;
+            let (recorded_at_micros, assertion) = keys::decode_history_payload(&v)?;
+            page.facts.push(Fact {
+                assertion,
+                tx,
+                recorded_at_micros,
+            });
+            last_key = k;
+        }
+        Ok(page)
+    }
+
+    /// Committed transactions with `tx >= from_tx`, in tx order, at most
+    /// `limit` (for Watch catch-up). Duplicates consumed an LSN but have no entry.
+    pub fn transactions_from(
+        &self,
+        from_tx: u64,
+        limit: usize,
+    ) -> Result<Vec<TxEntry>, StoreError> {
+        let current = self.applied_lsn();
+        let mut out = Vec::new();
+        if from_tx > current {
+            return Ok(out);
+        }
+        let range = keys::txlog_key(from_tx)..=keys::txlog_key(current);
+        for kv in self.inner.tree.range(range).take(limit) {
+            let (k, v) = kv?;
+            let tx = keys::decode_txlog_key(&k)?;
+            let rec = decode_tx(&v)?;
+            let recorded_at_micros = rec.recorded_at_micros;
+            let facts = rec
+                .assertions
+                .into_iter()
+                .map(|assertion| Fact {
+                    assertion,
+                    tx,
+                    recorded_at_micros,
+                })
+                .collect();
+            out.push(TxEntry {
+                tx,
+                recorded_at_micros,
+                facts,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Flushes sled; returns an LSN that is now durable (every record up to
+    /// it survives a crash).
+    pub fn flush(&self) -> Result<u64, StoreError> {
+        // Read before flushing: the batch of this LSN is already committed in
+        // memory, so the flush below makes it (and all before it) durable.
+        let lsn = self.applied_lsn();
+        self.inner.db.flush()?;
+        Ok(lsn)
+    }
+
+    /// [`Store::flush`] on the blocking thread pool.
+    pub async fn flush_async(&self) -> Result<u64, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Removes up to [`PURGE_KEYS_MAX`] idempotency keys recorded more than
+    /// the retention before `now_micros`; returns how many were removed.
+    pub fn purge_idempotency(&self, now_micros: i64) -> Result<usize, StoreError> {
+        let retention_micros =
+            i64::try_from(self.inner.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
+        let cutoff = now_micros.saturating_sub(retention_micros);
+        let _gate = self.write_lock();
+        let start = keys::idem_by_time_key(i64::MIN, 0);
+        let end = keys::idem_by_time_key(cutoff, 0);
+        let mut batch = Batch::default();
+        let mut removed = 0;
+        for kv in self.inner.tree.range(start..end).take(PURGE_KEYS_MAX) {
+            let (k, v) = kv?;
+            let (_at, tx) = keys::decode_idem_by_time_key(&k)?;
+            let key = std::str::from_utf8(&v)
+                .map_err(|_| corrupt("idempotency key is not valid utf-8"))?;
+            // The key maps to this tx unless the entry is already gone.
+            if self.lookup_idempotency(key)?.is_some_and(|(t, _)| t == tx) {
+                batch.remove(keys::idem_key(key));
+            }
+            batch.remove(k);
+            removed += 1;
+        }
+        if removed > 0 {
+            self.inner.tree.apply_batch(batch)?;
+        }
+        Ok(removed)
+    }
+
+    /// Bytes sled uses on disk (0 if it cannot tell).
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Assertions stored (applied, non-duplicate), counting retractions.
+    pub fn fact_count_estimate(&self) -> u64 {
+        self.inner.fact_count.load(Ordering::Relaxed)
+    }
+}
+
+/// What one `apply` call builds before committing.
+#[derive(Default)]
+struct Staged {
+    batch: Batch,
+    outcomes: Vec<ApplyOutcome>,
+    new_keys: HashMap<String, (u64, i64)>,
+    touched: HashSet<String>,
+    facts_added: u64,
+}
+
+fn claim_fact(ck: ClaimKey, payload: &[u8]) -> Result<Fact, StoreError> {
+    let p = keys::decode_claim_payload(payload)?;
+    let assertion = super::model::Assertion {
+        entity: ck.entity,
+        attribute: ck.attribute,
+        value: ck.value,
+        source: ck.source,
+        confidence: p.confidence,
+        op: p.op,
+    };
+    Ok(Fact {
+        assertion,
+        tx: ck.tx,
+        recorded_at_micros: p.recorded_at_micros,
+    })
+}
+
+fn read_meta_u64(tree: &sled::Tree, name: &str) -> Result<Option<u64>, StoreError> {
+    match tree.get(keys::meta_key(name))? {
+        None => Ok(None),
+        Some(v) => {
+            let bytes: [u8; 8] = v
+                .as_ref()
+                .try_into()
+                .map_err(|_| corrupt(format!("meta {name} is {} bytes, expected 8", v.len())))?;
+            Ok(Some(u64::from_be_bytes(bytes)))
+        }
+    }
+}
+
+fn check_format(tree: &sled::Tree) -> Result<(), StoreError> {
+    match read_meta_u64(tree, META_FORMAT_VERSION)? {
+        Some(FORMAT_VERSION) => Ok(()),
+        Some(found) => Err(StoreError::UnsupportedFormat {
+            found,
+            supported: FORMAT_VERSION,
+        }),
+        None if tree.is_empty() => {
+            tree.insert(
+                keys::meta_key(META_FORMAT_VERSION),
+                &FORMAT_VERSION.to_be_bytes(),
+            )?;
+            Ok(())
+        }
+        None => Err(corrupt("store has data but no format_version")),
+    }
+}
+
+fn load_or_create_secret(tree: &sled::Tree) -> Result<[u8; TOKEN_SECRET_BYTES], StoreError> {
+    let key = keys::meta_key(META_TOKEN_SECRET);
+    if let Some(v) = tree.get(&key)? {
+        return v.as_ref().try_into().map_err(|_| {
+            corrupt(format!(
+                "token secret is {} bytes, expected {TOKEN_SECRET_BYTES}",
+                v.len()
+            ))
+        });
+    }
+    let mut secret = [0u8; TOKEN_SECRET_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    tree.insert(&key, &secret)?;
+    // Tokens handed out must stay valid across a restart.
+    tree.flush()?;
+    Ok(secret)
+}
