@@ -108,6 +108,15 @@ impl Client {
         Client { inner, options }
     }
 
+    /// A client sharing this one's connection, with other options (for
+    /// example no retries for a benchmark, more for setup).
+    pub fn with_options(&self, options: ClientOptions) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            options,
+        }
+    }
+
     /// The options this client was built with.
     pub fn options(&self) -> &ClientOptions {
         &self.options

@@ -1,0 +1,252 @@
+//! Command-line definitions. Parsing only: no I/O here.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::timefmt::parse_duration;
+use crate::value::ValueType;
+
+/// stemectl: talk to a StemeDB node over its public gRPC API.
+#[derive(Debug, Parser)]
+#[command(name = "stemectl", version, about, propagate_version = true)]
+#[command(
+    after_help = "Exit codes: 0 ok, 2 usage, 3 server error (gRPC status), 4 connection failure."
+)]
+pub struct Cli {
+    /// The node's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "STEMEDB_ADDR",
+        default_value = "http://127.0.0.1:18181"
+    )]
+    pub addr: String,
+    /// How to print results.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Deadline of each request.
+    #[arg(long, global = true, value_parser = parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned, human-readable text.
+    Text,
+    /// JSON: one object, or one object per line for streams (query,
+    /// history, watch).
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Assert a fact.
+    #[command(after_help = "Examples:
+  stemectl assert user:1 name Ada --source hr --confidence 0.9
+  stemectl assert user:1 age 36 --type int
+  stemectl assert user:1 manager user:7 --type ref
+  stemectl assert user:1 hired 2024-05-01T09:00:00Z --type timestamp
+  stemectl assert blob:1 digest 00ff10 --type bytes-hex --output json")]
+    Assert(WriteArgs),
+    /// Retract a fact (withdraw an earlier assertion by the same source).
+    #[command(after_help = "Examples:
+  stemectl retract user:1 name Ada --source hr
+  stemectl retract user:1 age 36 --type int --idempotency-key fix-42")]
+    Retract(WriteArgs),
+    /// Show every live claim about an entity.
+    #[command(after_help = "Examples:
+  stemectl get user:1
+  stemectl get user:1 --as-of 42 --output json")]
+    Get {
+        /// The entity.
+        entity: String,
+        /// Answer as of this transaction (default: the latest).
+        #[arg(long = "as-of", value_name = "TX")]
+        as_of: Option<u64>,
+    },
+    /// Find live claims of an attribute, optionally with one value or source.
+    #[command(after_help = "Examples:
+  stemectl query name
+  stemectl query name --value Ada
+  stemectl query age --value 36 --type int --source hr --limit 10
+  stemectl query name --as-of 42 --output json   # one JSON fact per line")]
+    Query {
+        /// The attribute.
+        attribute: String,
+        /// Only facts with this value.
+        #[arg(long)]
+        value: Option<String>,
+        /// How to read --value.
+        #[arg(long = "type", value_enum, default_value_t = ValueType::Text, requires = "value")]
+        value_type: ValueType,
+        /// Only facts from this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Answer as of this transaction (default: the latest).
+        #[arg(long = "as-of", value_name = "TX")]
+        as_of: Option<u64>,
+        /// Print at most N facts.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Show the assertions and retractions of an entity in tx order.
+    #[command(after_help = "Examples:
+  stemectl history user:1
+  stemectl history user:1 --attribute name --since 10 --until 20")]
+    History {
+        /// The entity.
+        entity: String,
+        /// Only this attribute.
+        #[arg(long)]
+        attribute: Option<String>,
+        /// Only transactions >= TX.
+        #[arg(long, value_name = "TX")]
+        since: Option<u64>,
+        /// Only transactions <= TX.
+        #[arg(long, value_name = "TX")]
+        until: Option<u64>,
+    },
+    /// Stream transactions as they commit.
+    #[command(after_help = "Examples:
+  stemectl watch                  # from the beginning, then live
+  stemectl watch --from 100 --count 5 --output json")]
+    Watch {
+        /// The first transaction to show (0 or 1: from the beginning).
+        #[arg(long, value_name = "TX", default_value_t = 0)]
+        from: u64,
+        /// Stop after N transactions.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+    /// Measure throughput and latency over real gRPC.
+    #[command(
+        after_help = "Closed loop (--concurrency) keeps N requests in flight. Open loop (--rate) sends on a fixed \
+schedule and measures latency from each request's scheduled send time, so a stalled server is not hidden \
+(no coordinated omission).
+
+Examples:
+  stemectl bench --duration 10s --concurrency 32
+  stemectl bench --rate 5000 --tx-size 10 --value-bytes 64 --duration 30s
+  stemectl bench --preload 100000 --read-ratio 0.9 --output json"
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// The entity.
+    pub entity: String,
+    /// The attribute.
+    pub attribute: String,
+    /// The value, read as --type.
+    pub value: String,
+    /// How to read VALUE.
+    #[arg(long = "type", value_enum, default_value_t = ValueType::Text)]
+    pub value_type: ValueType,
+    /// Who makes the claim.
+    #[arg(long, default_value = "")]
+    pub source: String,
+    /// How sure the source is, in [0, 1].
+    #[arg(long)]
+    pub confidence: Option<f64>,
+    /// Idempotency key (default: a fresh UUID). Repeating a key returns the
+    /// original transaction.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Closed loop: requests kept in flight.
+    #[arg(long, default_value_t = 16, conflicts_with = "rate", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+    /// Open loop: operations per second, on a fixed schedule.
+    #[arg(long, value_name = "OPS_PER_S")]
+    pub rate: Option<f64>,
+    /// Assertions per transaction.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub tx_size: u32,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 16)]
+    pub value_bytes: usize,
+    /// Fraction of operations that are reads (a get of a random written entity).
+    #[arg(long, default_value_t = 0.0)]
+    pub read_ratio: f64,
+    /// Measured time.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Unmeasured time before it.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// Write N facts first (1000 per transaction, 20 per entity); reads then
+    /// target those entities.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub preload: u64,
+    /// gRPC channels to spread requests over (default: min(concurrency, 8)).
+    #[arg(long)]
+    pub connections: Option<u32>,
+    /// Client retries of UNAVAILABLE per operation. 0 shows every error.
+    #[arg(long, default_value_t = 0)]
+    pub retry_max: u32,
+    /// Seed of the workload's randomness (default: random, printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_a_typed_assert() {
+        let cli = Cli::try_parse_from([
+            "stemectl",
+            "--output",
+            "json",
+            "assert",
+            "e",
+            "age",
+            "36",
+            "--type",
+            "int",
+            "--confidence",
+            "0.5",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, Output::Json);
+        let Command::Assert(w) = cli.command else {
+            panic!("not assert")
+        };
+        assert_eq!(
+            (w.value_type, w.confidence, w.source.as_str()),
+            (ValueType::Int, Some(0.5), "")
+        );
+    }
+
+    #[test]
+    fn rate_and_concurrency_conflict() {
+        assert!(
+            Cli::try_parse_from(["stemectl", "bench", "--rate", "10", "--concurrency", "4"])
+                .is_err()
+        );
+        let cli = Cli::try_parse_from(["stemectl", "bench", "--duration", "1s", "--warmup", "0s"])
+            .unwrap();
+        let Command::Bench(b) = cli.command else {
+            panic!("not bench")
+        };
+        assert_eq!(
+            (b.concurrency, b.duration, b.warmup),
+            (16, Duration::from_secs(1), Duration::ZERO)
+        );
+    }
+}

@@ -1,0 +1,154 @@
+//! The data subcommands: thin adapters from parsed flags to SDK calls and
+//! output.
+
+use std::io::Write;
+
+use anyhow::Context;
+use futures::StreamExt;
+use stemedb_client::{Assertion, Client, ClientOptions, HistoryQuery, Query};
+
+use crate::cli::{Cli, Command, Output, WriteArgs};
+use crate::exit::UsageError;
+use crate::output;
+use crate::value::{parse_value, ValueType};
+
+/// Connects to `--addr` with `--timeout` as the per-request deadline.
+pub async fn connect(cli: &Cli, options: ClientOptions) -> anyhow::Result<Client> {
+    let options = ClientOptions {
+        timeout: cli.timeout,
+        ..options
+    };
+    Client::connect_with(cli.addr.clone(), options)
+        .await
+        .with_context(|| format!("cannot connect to {}", cli.addr))
+}
+
+fn typed_value(raw: &str, ty: ValueType) -> anyhow::Result<stemedb_client::Value> {
+    parse_value(raw, ty).map_err(|e| UsageError(e).into())
+}
+
+/// Runs every subcommand except `bench`.
+pub async fn run(cli: &Cli) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let format = cli.output;
+    match &cli.command {
+        Command::Assert(w) => write(cli, w, false, &mut out).await,
+        Command::Retract(w) => write(cli, w, true, &mut out).await,
+        Command::Get { entity, as_of } => {
+            let client = connect(cli, ClientOptions::default()).await?;
+            let view = client
+                .get(entity, *as_of)
+                .await
+                .with_context(|| format!("get {entity}"))?;
+            output::entity_view(&mut out, format, &view)?;
+            Ok(())
+        }
+        Command::Query {
+            attribute,
+            value,
+            value_type,
+            source,
+            as_of,
+            limit,
+        } => {
+            let mut q = Query::attribute(attribute.as_str());
+            if let Some(raw) = value {
+                q = q.value(typed_value(raw, *value_type)?);
+            }
+            if let Some(s) = source {
+                q = q.source(s.as_str());
+            }
+            if let Some(tx) = as_of {
+                q = q.as_of(*tx);
+            }
+            if let Some(n) = limit {
+                // No point fetching pages of facts we will not print.
+                q = q.page_size(u32::try_from(*n).unwrap_or(u32::MAX).clamp(1, 1000));
+            }
+            let client = connect(cli, ClientOptions::default()).await?;
+            let facts = client.query(q).take(limit.unwrap_or(usize::MAX));
+            print_facts(facts, format, &mut out)
+                .await
+                .with_context(|| format!("query {attribute}"))
+        }
+        Command::History {
+            entity,
+            attribute,
+            since,
+            until,
+        } => {
+            let mut h = HistoryQuery::entity(entity.as_str());
+            if let Some(a) = attribute {
+                h = h.attribute(a.as_str());
+            }
+            if let Some(tx) = since {
+                h = h.since(*tx);
+            }
+            if let Some(tx) = until {
+                h = h.until(*tx);
+            }
+            let client = connect(cli, ClientOptions::default()).await?;
+            print_facts(client.history(h), format, &mut out)
+                .await
+                .with_context(|| format!("history {entity}"))
+        }
+        Command::Watch { from, count } => {
+            let client = connect(cli, ClientOptions::default()).await?;
+            let events = client.watch(*from).await.context("watch")?;
+            let mut events = std::pin::pin!(events.take(count.map_or(usize::MAX, |n| n as usize)));
+            while let Some(event) = events.next().await {
+                output::tx_event(&mut out, format, &event.context("watch")?)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+        Command::Bench(_) => unreachable!("bench is dispatched by main"),
+    }
+}
+
+async fn write(
+    cli: &Cli,
+    w: &WriteArgs,
+    retract: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    if let Some(c) = w.confidence {
+        if !(0.0..=1.0).contains(&c) {
+            return Err(UsageError(format!("--confidence {c} is outside [0, 1]")).into());
+        }
+    }
+    let value = typed_value(&w.value, w.value_type)?;
+    let mut a = if retract {
+        Assertion::retract(w.entity.as_str(), w.attribute.as_str(), value)
+    } else {
+        Assertion::assert(w.entity.as_str(), w.attribute.as_str(), value)
+    }
+    .source(w.source.as_str());
+    a.confidence = w.confidence;
+    let client = connect(cli, ClientOptions::default()).await?;
+    let receipt = match &w.idempotency_key {
+        Some(key) => client.transact_with_key(vec![a], key.as_str()).await,
+        None => client.transact(vec![a]).await,
+    }
+    .context("transact")?;
+    output::receipt(out, cli.output, &receipt)?;
+    Ok(())
+}
+
+async fn print_facts(
+    facts: impl futures::Stream<Item = Result<stemedb_client::Fact, stemedb_client::Error>>,
+    format: Output,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut facts = std::pin::pin!(facts);
+    let mut printed = 0u64;
+    while let Some(fact) = facts.next().await {
+        output::streamed_fact(out, format, &fact?)?;
+        printed += 1;
+    }
+    if format == Output::Text && printed == 0 {
+        writeln!(out, "(no facts)")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Exit codes, chosen in one place from the error that ended the command.
+
+use stemedb_client::Error;
+
+/// The command line parsed but made no sense, e.g. a VALUE that is not of
+/// its --type. Exits like a clap usage error.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Success.
+pub const OK: i32 = 0;
+/// Any failure not listed below (for example a broken stdout).
+pub const FAILURE: i32 = 1;
+/// Bad command line (also clap's own code).
+pub const USAGE: i32 = 2;
+/// The server answered with an error status, or nonsense.
+pub const SERVER: i32 = 3;
+/// The node could not be reached, or the connection broke.
+pub const CONNECTION: i32 = 4;
+
+/// The exit code for `err`: the first SDK or usage error in its chain
+/// decides; anything else is a generic failure.
+pub fn code_for(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return USAGE;
+        }
+        if let Some(e) = cause.downcast_ref::<Error>() {
+            return match e {
+                Error::Transport(_) => CONNECTION,
+                Error::Status { .. } | Error::InvalidResponse(_) => SERVER,
+            };
+        }
+    }
+    FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn codes_follow_the_cause() {
+        let status: anyhow::Result<()> = Err(Error::Status {
+            code: tonic::Code::NotFound,
+            message: "x".into(),
+        }
+        .into());
+        assert_eq!(code_for(&status.context("get e").unwrap_err()), SERVER);
+        let transport: anyhow::Result<()> = Err(Error::Transport("refused".into()).into());
+        assert_eq!(
+            code_for(&transport.context("connecting").unwrap_err()),
+            CONNECTION
+        );
+        assert_eq!(
+            code_for(&anyhow::Error::new(UsageError("bad".into()))),
+            USAGE
+        );
+        assert_eq!(code_for(&anyhow::anyhow!("other")), FAILURE);
+    }
+}
