@@ -87,10 +87,7 @@ struct Inner {
 impl Store {
     /// Opens (or creates) the store at `cfg.path`.
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(&cfg.path)
-            .cache_capacity(cfg.cache_capacity_bytes)
-            .open()?;
+        let db = open_db(&cfg)?;
         let tree = db.open_tree(TREE_NAME)?;
         check_format(&tree)?;
         let applied_lsn = read_meta_u64(&tree, META_APPLIED_LSN)?.unwrap_or(0);
@@ -538,6 +535,34 @@ fn claim_fact(ck: ClaimKey, payload: &[u8]) -> Result<Fact, StoreError> {
         tx: ck.tx,
         recorded_at_micros: p.recorded_at_micros,
     })
+}
+
+/// How long `open` waits for the lock of a database that the same process
+/// just closed.
+const OPEN_LOCK_WAIT_MAX: Duration = Duration::from_secs(5);
+const OPEN_LOCK_RETRY_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Opens sled, waiting a bounded time for its file lock. sled releases the
+/// lock only when its last background I/O thread drops its handle, which can
+/// be shortly after the last `Db` is dropped; an in-process reopen (tests,
+/// a restart of the store inside one process) would otherwise fail at random.
+/// A lock held by another process still fails after `OPEN_LOCK_WAIT_MAX`.
+fn open_db(cfg: &StoreConfig) -> Result<sled::Db, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        let config = sled::Config::new()
+            .path(&cfg.path)
+            .cache_capacity(cfg.cache_capacity_bytes);
+        match config.open() {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= OPEN_LOCK_WAIT_MAX {
+                    return Err(sled::Error::Io(e).into());
+                }
+                std::thread::sleep(OPEN_LOCK_RETRY_INTERVAL);
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 fn read_meta_u64(tree: &sled::Tree, name: &str) -> Result<Option<u64>, StoreError> {
