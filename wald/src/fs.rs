@@ -128,7 +128,7 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
 /// Free bytes for unprivileged users on the file system holding `path`.
 pub fn free_bytes(path: &Path) -> u64 {
     match nix::sys::statvfs::statvfs(path) {
-        Ok(s) => (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64),
+        Ok(s) => s.blocks_available().saturating_mul(s.fragment_size()),
         Err(_) => 0,
     }
 }

@@ -21,7 +21,7 @@ async fn load(walld: &Walld, epoch: u64, clients: usize, appends: usize, seed: u
         let mut client = walld.client().await;
         let acked = acked.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (c as u64 + 1) * 0x9E37_79B9);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ ((c as u64 + 1) * 0x9E37_79B9));
             for i in 0.. {
                 if appends > 0 && i >= appends {
                     break;
