@@ -147,8 +147,8 @@ pub struct WriteArgs {
     /// How to read VALUE.
     #[arg(long = "type", value_enum, default_value_t = ValueType::Text)]
     pub value_type: ValueType,
-    /// Who makes the claim.
-    #[arg(long, default_value = "")]
+    /// Who makes the claim (the server requires one).
+    #[arg(long, env = "STEMEDB_SOURCE", default_value = "stemectl")]
     pub source: String,
     /// How sure the source is, in [0, 1].
     #[arg(long)]

@@ -18,9 +18,8 @@ pub async fn connect(cli: &Cli, options: ClientOptions) -> anyhow::Result<Client
         timeout: cli.timeout,
         ..options
     };
-    Client::connect_with(cli.addr.clone(), options)
-        .await
-        .with_context(|| format!("cannot connect to {}", cli.addr))
+    // The SDK's error already names the address.
+    Ok(Client::connect_with(cli.addr.clone(), options).await?)
 }
 
 fn typed_value(raw: &str, ty: ValueType) -> anyhow::Result<stemedb_client::Value> {

@@ -93,7 +93,7 @@ impl Client {
             .tcp_nodelay(true)
             .connect_timeout(options.connect_timeout);
         let channel = endpoint.connect().await.map_err(|e| match Error::from(e) {
-            Error::Transport(msg) => Error::Transport(format!("connecting to {url}: {msg}")),
+            Error::Transport(msg) => Error::Transport(format!("cannot connect to {url}: {msg}")),
             other => other,
         })?;
         Ok(Client::from_channel(channel, options))

@@ -69,7 +69,11 @@ impl From<tonic::Status> for Error {
 
 impl From<tonic::transport::Error> for Error {
     fn from(err: tonic::transport::Error) -> Self {
-        Error::Transport(describe_chain(&err))
+        let chain = describe_chain(&err);
+        // tonic's own message is just "transport error", which our Display
+        // already says; keep only the causes.
+        let causes = chain.strip_prefix("transport error: ").unwrap_or(&chain);
+        Error::Transport(causes.to_string())
     }
 }
 

@@ -15,7 +15,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use rand::Rng;
 use stemedb_client::{Client, ClientOptions};
 use tokio::sync::Semaphore;
@@ -107,9 +106,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     };
     let mut clients = Vec::with_capacity(plan.connections as usize);
     for _ in 0..plan.connections {
-        let client = Client::connect_with(cli.addr.clone(), options.clone())
-            .await
-            .with_context(|| format!("cannot connect to {}", cli.addr))?;
+        let client = Client::connect_with(cli.addr.clone(), options.clone()).await?;
         clients.push(client);
     }
     eprintln!(
