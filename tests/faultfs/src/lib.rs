@@ -1,0 +1,1 @@
+//! faultfs: fault-injecting FUSE filesystem for StemeDB reliability tests.
