@@ -27,7 +27,10 @@
 //! `model` holds the SDK's own types, `convert` maps them to and from the
 //! protobuf types of `stemedb-proto`, `client` makes the calls and `retry`
 //! decides what to retry. **Architecture Invariant:** no protobuf type
-//! appears in the public API except through [`Client::raw`].
+//! appears in the public API except through [`Client::raw`] and the
+//! re-exported [`proto`] module, both meant for tests that need raw requests.
+
+#![warn(missing_docs)]
 
 mod client;
 mod convert;
