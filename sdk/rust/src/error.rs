@@ -60,6 +60,17 @@ impl From<tonic::Status> for Error {
         if status.code() == tonic::Code::Unknown && status.source().is_some() {
             return Error::Transport(describe_chain(&status));
         }
+        // tonic reports a locally enforced deadline as CANCELLED; gRPC
+        // defines it as DEADLINE_EXCEEDED, which is what callers branch on.
+        if status.code() == tonic::Code::Cancelled && is_local_timeout(&status) {
+            return Error::Status {
+                code: tonic::Code::DeadlineExceeded,
+                message: format!(
+                    "deadline exceeded before the server answered ({})",
+                    status.message()
+                ),
+            };
+        }
         Error::Status {
             code: status.code(),
             message: status.message().to_string(),
@@ -75,6 +86,21 @@ impl From<tonic::transport::Error> for Error {
         let causes = chain.strip_prefix("transport error: ").unwrap_or(&chain);
         Error::Transport(causes.to_string())
     }
+}
+
+/// True when tonic's client-side deadline fired: a `TimeoutExpired` is in
+/// the status's source chain.
+fn is_local_timeout(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    // Bounded walk, as in describe_chain.
+    for _ in 0..16 {
+        match source {
+            Some(e) if e.is::<tonic::TimeoutExpired>() => return true,
+            Some(e) => source = e.source(),
+            None => return false,
+        }
+    }
+    false
 }
 
 /// Joins an error and its sources into one line, so the root cause (for
@@ -133,6 +159,20 @@ mod tests {
         assert!(matches!(err, Error::Transport(_)), "{err:?}");
         assert!(err.is_retryable());
         assert_eq!(err.code(), None);
+    }
+
+    #[test]
+    fn local_timeout_is_deadline_exceeded() {
+        let status = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+        let err = Error::from(status);
+        assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded), "{err:?}");
+        assert!(!err.is_retryable());
+        // A CANCELLED sent by the server stays CANCELLED.
+        assert_eq!(
+            Error::from(tonic::Status::cancelled("bye")).code(),
+            Some(tonic::Code::Cancelled)
+        );
     }
 
     #[test]

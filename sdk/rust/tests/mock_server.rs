@@ -37,6 +37,8 @@ struct Mock {
     /// event.
     break_watches: Arc<AtomicU32>,
     transact_calls: Arc<AtomicU32>,
+    /// Get sleeps this long before answering.
+    get_delay: Arc<Mutex<Duration>>,
     watch_opens: Arc<Mutex<Vec<u64>>>,
 }
 
@@ -123,6 +125,8 @@ impl Store for Mock {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let delay = *self.get_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         let req = request.into_inner();
         let m = self.model.lock().unwrap();
         let as_of = req.as_of_tx.filter(|t| *t != 0).unwrap_or(m.last_tx);
@@ -489,6 +493,26 @@ async fn watch_gives_up_after_retry_max_reopens_without_progress() {
         mock.watch_opens.lock().unwrap().len(),
         4,
         "one open and retry_max reopens"
+    );
+}
+
+#[tokio::test]
+async fn slow_answers_hit_the_deadline() {
+    let mock = Mock::default();
+    *mock.get_delay.lock().unwrap() = Duration::from_secs(5);
+    let options = ClientOptions {
+        timeout: Duration::from_millis(100),
+        ..fast_options()
+    };
+    let client = Client::connect_with(start(mock.clone()).await, options)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = client.get("e", None).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::DeadlineExceeded), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "not retried, not waited out"
     );
 }
 
