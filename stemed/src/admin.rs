@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +25,8 @@ pub struct AdminState {
     pub hub: Arc<WatchHub>,
     pub checkpoints: Arc<CheckpointStats>,
     pub started: Instant,
+    /// walld's socket, for Status at scrape time.
+    pub wal_socket: std::path::PathBuf,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -82,53 +83,6 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let link = s.write_path.link_status();
-    let c = &s.write_path.counters;
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    gauge(
-        "stemedb_assertions_ingested_total",
-        "Assertions committed by this node.",
-        "counter",
-        c.assertions_ingested.load(Ordering::Relaxed),
-    );
-    gauge(
-        "stemedb_transactions_committed_total",
-        "Transactions committed by this node.",
-        "counter",
-        c.transactions_committed.load(Ordering::Relaxed),
-    );
-    gauge(
-        "stemedb_write_bytes_in_flight",
-        "Write bytes admitted and not yet answered.",
-        "gauge",
-        c.write_bytes_in_flight.load(Ordering::Relaxed),
-    );
-    gauge(
-        "stemedb_write_queue_depth",
-        "Transactions waiting for the batcher.",
-        "gauge",
-        s.write_path.queue_depth() as u64,
-    );
-    gauge(
-        "stemedb_applied_lsn",
-        "Highest LSN applied to the store.",
-        "gauge",
-        s.store.applied_lsn(),
-    );
-    gauge(
-        "stemedb_wal_appends_total",
-        "WAL appends (group commits) sent by this node.",
-        "counter",
-        c.wal_appends.load(Ordering::Relaxed),
-    );
-    gauge(
-        "stemedb_wal_connected",
-        "1 when the writer session with walld is serving.",
-        "gauge",
-        u64::from(link.state == LinkState::Serving),
-    );
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+    let text = crate::metrics::render(&s).await;
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

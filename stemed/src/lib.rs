@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod devmode;
 pub mod grpc;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod wal_link;

@@ -95,6 +95,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         hub: hub.clone(),
         checkpoints,
         started,
+        wal_socket: socket.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = tokio::spawn(serve_admin(admin_listener, admin_state, stop_rx.clone()));
