@@ -158,9 +158,14 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     progress.abort();
-    let measured_secs = plan.duration.as_secs_f64();
     let recorded = stats.merged();
-    let report = report::Report::new(&plan, measured_secs, &recorded);
+    // Rates divide by the window stretched to the last completion: an
+    // open-loop run that outpaced the server reports the server's pace.
+    let rate_span = recorded
+        .last_finish
+        .map_or(window.measure_until, |t| t.max(window.measure_until))
+        - window.measure_from;
+    let report = report::Report::new(&plan, rate_span.as_secs_f64(), &recorded);
     match cli.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
         Output::Text => print!("{}", report.to_text()),

@@ -34,7 +34,11 @@ pub struct Report {
     pub read_ratio: f64,
     pub preload: u64,
     pub warmup_s: f64,
+    /// The requested measured window.
     pub duration_s: f64,
+    /// The window the rates are computed over: `duration_s`, stretched to
+    /// the completion of the last measured operation.
+    pub elapsed_s: f64,
     pub seed: u64,
     pub writes: OpReport,
     pub assertions: u64,
@@ -46,11 +50,11 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn new(plan: &Plan, measured_secs: f64, r: &Recorded) -> Report {
-        assert!(measured_secs > 0.0, "measured window must be positive");
+    pub fn new(plan: &Plan, elapsed_secs: f64, r: &Recorded) -> Report {
+        assert!(elapsed_secs > 0.0, "measured window must be positive");
         let op = |h: &hdrhistogram::Histogram<u64>| OpReport {
             count: h.len(),
-            per_s: h.len() as f64 / measured_secs,
+            per_s: h.len() as f64 / elapsed_secs,
             latency_us: Percentiles::of(h),
         };
         Report {
@@ -67,11 +71,12 @@ impl Report {
             read_ratio: plan.shape.read_ratio,
             preload: plan.preload,
             warmup_s: plan.warmup.as_secs_f64(),
-            duration_s: measured_secs,
+            duration_s: plan.duration.as_secs_f64(),
+            elapsed_s: elapsed_secs,
             seed: plan.seed,
             writes: op(&r.write_us),
             assertions: r.assertions,
-            assertions_per_s: r.assertions as f64 / measured_secs,
+            assertions_per_s: r.assertions as f64 / elapsed_secs,
             reads: op(&r.read_us),
             errors_total: r.errors_total(),
             errors: r.errors.clone(),
@@ -90,6 +95,14 @@ impl Report {
             "bench: {load} over {} connection(s); {:.1} s measured after {:.1} s warmup; seed {}",
             self.connections, self.duration_s, self.warmup_s, self.seed
         );
+        if self.elapsed_s > self.duration_s * 1.05 {
+            let _ = writeln!(
+                t,
+                "note: the last measured operation finished {:.1} s after the window closed; rates are over {:.1} s",
+                self.elapsed_s - self.duration_s,
+                self.elapsed_s
+            );
+        }
         let _ = writeln!(
             t,
             "writes: {} tx ({:.1} tx/s), {} assertions ({:.1} assertions/s), {} per tx, {} value bytes",

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use stemedb_client::Error;
@@ -42,6 +44,10 @@ pub struct Recorded {
     pub errors: BTreeMap<String, u64>,
     /// The first error seen, to report when nothing succeeded.
     pub first_error: Option<Error>,
+    /// When the last recorded operation finished. Rates are computed over
+    /// the window stretched to this point, so an overloaded open-loop run
+    /// reports what the server completed, not what was scheduled.
+    pub last_finish: Option<Instant>,
 }
 
 impl Default for Recorded {
@@ -52,6 +58,7 @@ impl Default for Recorded {
             assertions: 0,
             errors: BTreeMap::new(),
             first_error: None,
+            last_finish: None,
         }
     }
 }
@@ -98,6 +105,7 @@ impl Recorded {
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
+        self.last_finish = self.last_finish.max(other.last_finish);
     }
 
     pub fn errors_total(&self) -> u64 {
@@ -154,6 +162,7 @@ impl Stats {
                 .lock()
                 .expect("stats lock poisoned");
             r.record(kind, latency, assertions, outcome);
+            r.last_finish = r.last_finish.max(Some(Instant::now()));
         }
     }
 
@@ -244,6 +253,7 @@ mod tests {
         assert_eq!(r.first_error, Some(unavailable));
         assert_eq!(stats.finished.load(Ordering::Relaxed), 104);
         assert_eq!(stats.failed.load(Ordering::Relaxed), 2);
+        assert!(r.last_finish.is_some());
 
         let p = Percentiles::of(&r.write_us).unwrap();
         assert_eq!((p.p50, p.p99, p.max), (50, 99, 100));
