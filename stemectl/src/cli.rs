@@ -229,7 +229,7 @@ mod tests {
         };
         assert_eq!(
             (w.value_type, w.confidence, w.source.as_str()),
-            (ValueType::Int, Some(0.5), "")
+            (ValueType::Int, Some(0.5), "stemectl")
         );
     }
 
