@@ -277,7 +277,8 @@ impl Client {
     /// transport error it reopens the watch from the transaction after the
     /// last one delivered, so no transaction is skipped or repeated. It
     /// gives up, yielding the error, after `retry_max` consecutive failed
-    /// reopenings. Opening the first watch fails like any other call.
+    /// reopenings. Opening the first watch fails like any other call. The
+    /// stream ends when the server ends the watch without an error.
     pub async fn watch(
         &self,
         from_tx: u64,

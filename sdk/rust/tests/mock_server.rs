@@ -157,7 +157,16 @@ impl Store for Mock {
             .filter(|f| req.source.as_ref().is_none_or(|s| *s == f.source))
             .cloned()
             .collect();
-        let (facts, next_page_token) = page(&matching, req.limit, &req.page_token)?;
+        let token = if req.attribute == "loop" {
+            ""
+        } else {
+            req.page_token.as_str()
+        };
+        let (facts, mut next_page_token) = page(&matching, req.limit, token)?;
+        if req.attribute == "loop" {
+            // A broken server: hands back the token it was given.
+            next_page_token = "loop".into();
+        }
         Ok(Response::new(pb::QueryResponse {
             facts,
             next_page_token,
@@ -449,10 +458,25 @@ async fn query_and_history_follow_page_tokens() {
 #[tokio::test]
 async fn query_stream_ends_after_an_error() {
     let mock = Mock::default();
-    let client = seeded(&mock, 1, 1).await;
-    let results: Vec<_> = client.history(HistoryQuery::entity("e0")).collect().await;
-    assert_eq!(results.len(), 1);
-    // A page token the mock cannot parse yields INVALID_ARGUMENT.
+    let client = Client::connect_with(start(mock.clone()).await, fast_options())
+        .await
+        .unwrap();
+    client
+        .transact(vec![Assertion::assert("e", "loop", 1i64).source("s")])
+        .await
+        .unwrap();
+    // Page 1 ends with token "loop"; page 2 hands "loop" back: that is an
+    // error, and the stream ends there instead of looping forever.
+    let results: Vec<_> = client.query(Query::attribute("loop")).collect().await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results[0].is_ok());
+    assert!(
+        matches!(results[1], Err(Error::InvalidResponse(_))),
+        "{results:?}"
+    );
+
+    // A page token the mock cannot parse yields INVALID_ARGUMENT, and a
+    // stream that starts with an error yields only it.
     let err = client
         .query_page(Query::attribute("n"), Some("junk".into()))
         .await
