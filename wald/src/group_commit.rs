@@ -260,6 +260,10 @@ impl Committer {
     }
 
     async fn depth_permit(&self) -> Result<OwnedSemaphorePermit> {
+        // The uncontended path needs no timer.
+        if let Ok(permit) = self.inner.depth.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
         let acquire = self.inner.depth.clone().acquire_owned();
         match tokio::time::timeout(self.inner.config.queue_wait_max, acquire).await {
             Ok(Ok(permit)) => Ok(permit),

@@ -4,7 +4,7 @@
 //! (`00000000000000000001.wal`) and preallocated to `segment_bytes`.
 //!
 //! # Creation (crash-safe)
-//! 1. create `<name>.tmp`, fallocate to the segment size, fsync (done ahead
+//! 1. create `<name>.tmp`, fallocate to the segment size, zero-fill, fsync (done ahead
 //!    of time by the preparer thread, see `log::Preparer`);
 //! 2. write the header with the first LSN, fdatasync;
 //! 3. rename to the final name, fsync the directory.
@@ -90,6 +90,7 @@ pub fn prepare_tmp(path: &Path, segment_bytes: u64) -> Result<File> {
     let result = (|| {
         let file = fs::create(path).map_err(|e| WalError::io("create segment", e))?;
         fs::fallocate(&file, segment_bytes).map_err(|e| WalError::io("fallocate segment", e))?;
+        zero_fill(&file, segment_bytes)?;
         fs::fsync(&file).map_err(|e| WalError::FsyncFailed(format!("prepared segment: {e}")))?;
         Ok(file)
     })();
@@ -98,6 +99,25 @@ pub fn prepare_tmp(path: &Path, segment_bytes: u64) -> Result<File> {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// Writes zeroes over the whole preallocated file. fallocate alone leaves
+/// "unwritten" extents (ext4, xfs): the first write into each one makes the
+/// next fdatasync commit an extent conversion to the journal, which on this
+/// class of disk costs about four times a plain data flush. Writing the
+/// zeroes ahead of time (in the preparer thread) keeps every append an
+/// overwrite, so its fdatasync flushes data only.
+fn zero_fill(file: &File, segment_bytes: u64) -> Result<()> {
+    const CHUNK_BYTES: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK_BYTES.min(segment_bytes) as usize];
+    let mut offset = 0;
+    while offset < segment_bytes {
+        let n = CHUNK_BYTES.min(segment_bytes - offset) as usize;
+        fs::write_all_at(file, &zeroes[..n], offset)
+            .map_err(|(_, e)| WalError::io("zero-fill segment", e))?;
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// Steps 2 and 3 of creation: header, fdatasync, rename, fsync(dir).

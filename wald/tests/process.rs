@@ -424,3 +424,133 @@ async fn disk_full_is_not_a_crash_and_heals_when_space_is_freed() {
     check_acked(&read_all(&mut client, 1).await.unwrap(), 1, &acked);
     walld.kill9();
 }
+
+/// Runs walld to completion (for startup refusals) and returns (code, stderr).
+fn run_to_exit(walld: &Walld, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walld"));
+    cmd.arg("--dir")
+        .arg(&walld.dir)
+        .arg("--socket")
+        .arg(&walld.socket)
+        .args(args);
+    cmd.env_remove("FAILPOINTS")
+        .env("STEMEDB_WALLD_LOG", "info");
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn startup_refusals_have_distinct_exit_codes() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test checks the root refusal and must run as root"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let walld = Walld::new(tmp.path());
+    let (code, err) = run_to_exit(&walld, &[]);
+    assert_eq!(code, Some(77), "root without --allow-root: {err}");
+    assert!(err.contains("refusing to run as root"), "{err}");
+    let config = tmp.path().join("walld.toml");
+    std::fs::write(&config, "segment_bytes = 65536\nsegmnet_bytes = 1\n").unwrap();
+    let (code, err) = run_to_exit(
+        &walld,
+        &["--allow-root", "--config", config.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(78), "{err}");
+    assert!(
+        err.contains("segmnet_bytes"),
+        "the unknown key must be named: {err}"
+    );
+    // Damage in the middle of the log: refuse (65), naming file and offset.
+    let mut log = wald::log::Log::open(
+        wald::log::LogOptions {
+            dir: walld.dir.clone(),
+            segment_bytes: 65536,
+            recovery_mode: wald::recovery::RecoveryMode::Refuse,
+            prepare_in_background: false,
+        },
+        Arc::new(wald::metrics::Metrics::new(Duration::from_secs(1), 8)),
+    )
+    .unwrap();
+    let batch: Vec<bytes::Bytes> = (0..10)
+        .map(|i| bytes::Bytes::from(vec![i as u8 + 1; 100]))
+        .collect();
+    assert!(log.write_batch(&[&batch[..]]).error.is_none());
+    log.sync().unwrap();
+    drop(log);
+    let segment = walld.dir.join(wald::segment::file_name(1));
+    let mut data = std::fs::read(&segment).unwrap();
+    data[4096 + 116 * 3 + 40] ^= 0xFF;
+    std::fs::write(&segment, &data).unwrap();
+    let (code, err) = run_to_exit(&walld, &["--allow-root"]);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(
+        err.contains(&segment.display().to_string()) && err.contains("offset 4444"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_root_privileges_to_user() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test starts walld as root and must run as root"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    // nobody must be able to reach the WAL dir inside the temp dir.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut walld = Walld::new(tmp.path());
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walld"));
+    cmd.arg("--dir")
+        .arg(&walld.dir)
+        .arg("--socket")
+        .arg(&walld.socket);
+    cmd.args(["--user", "nobody", "--segment-bytes", SEGMENT_BYTES]);
+    walld.prepare_env(&mut cmd, &[]);
+    walld.spawn_unready(cmd);
+    // READY=1 cannot reach a notify socket owned by root once walld is nobody,
+    // so wait for the socket to answer instead.
+    let mut client = None;
+    for _ in 0..500 {
+        if std::os::unix::net::UnixStream::connect(&walld.socket).is_ok() {
+            client = Some(walld.client().await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut client = client.unwrap_or_else(|| panic!("walld never listened:\n{}", walld.log()));
+    let epoch = open_writer(&mut client, "nobody").await;
+    append(&mut client, epoch, vec![b"as nobody".to_vec()])
+        .await
+        .unwrap();
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", walld.pid())).unwrap();
+    let uid_line = proc_status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .to_string();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == nobody.to_string()),
+        "{uid_line}"
+    );
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(walld.dir.join(wald::segment::file_name(1))).unwrap(),
+    );
+    assert_eq!(owner, nobody);
+    assert_eq!(walld.stop().code(), Some(0), "{}", walld.log());
+}
