@@ -60,6 +60,25 @@ impl From<i64> for Value {
     }
 }
 
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Text(v.clone())
+    }
+}
+
+/// Lets unsuffixed integer literals (which default to `i32`) be values.
+impl From<i32> for Value {
+    fn from(v: i32) -> Self {
+        Value::Int64(i64::from(v))
+    }
+}
+
+impl From<&[u8]> for Value {
+    fn from(v: &[u8]) -> Self {
+        Value::Bytes(v.to_vec())
+    }
+}
+
 impl From<f64> for Value {
     fn from(v: f64) -> Self {
         Value::Double(v)
@@ -97,9 +116,11 @@ pub enum Op {
 /// One claim to write: `(entity, attribute, value)` by `source`.
 ///
 /// ```
-/// use stemedb_client::Assertion;
+/// use stemedb_client::{Assertion, Value};
 /// let a = Assertion::assert("user:1", "name", "Ada").source("hr").confidence(0.9);
 /// assert_eq!(a.source, "hr");
+/// let b = Assertion::assert("user:1", "age", 36);
+/// assert_eq!(b.value, Value::Int64(36));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assertion {
