@@ -317,8 +317,7 @@ impl Filesystem for FaultFs {
         let quota = self.quota();
         let mut s = self.shared.lock();
         let r = s.handle(fh.0).and_then(|ino| {
-            if s
-                .check_growth(ino, offset + data.len() as u64, quota)
+            if s.check_growth(ino, offset + data.len() as u64, quota)
                 .is_err()
             {
                 return Err(self.enospc());
@@ -397,7 +396,11 @@ impl Filesystem for FaultFs {
         };
         let dots = [
             (".".into(), ino.0, true),
-            ("..".into(), if ino.0 == ROOT_INO { ino.0 } else { parent }, true),
+            (
+                "..".into(),
+                if ino.0 == ROOT_INO { ino.0 } else { parent },
+                true,
+            ),
         ];
         for (i, (name, child, is_dir)) in dots.into_iter().chain(entries).enumerate() {
             if (i as u64) < offset {
@@ -437,7 +440,16 @@ impl Filesystem for FaultFs {
         if let Some(quota) = self.quota() {
             let blocks = quota / bsize;
             let free = quota.saturating_sub(s.used_bytes()) / bsize;
-            return reply.statfs(blocks, free, free, 1 << 20, 1 << 20, bsize as u32, 255, bsize as u32);
+            return reply.statfs(
+                blocks,
+                free,
+                free,
+                1 << 20,
+                1 << 20,
+                bsize as u32,
+                255,
+                bsize as u32,
+            );
         }
         match nix::sys::statvfs::statvfs(s.backing()) {
             Ok(v) => reply.statfs(

@@ -121,7 +121,8 @@ impl Control {
     /// power). Afterwards the mount shows exactly the durable state.
     pub fn crash(&self) {
         let mut s = self.shared.lock();
-        s.crash().expect("faultfs: rebuilding from the backing directory");
+        s.crash()
+            .expect("faultfs: rebuilding from the backing directory");
         self.shared.faults.crashes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -141,7 +142,10 @@ impl Control {
 
     /// Delays the answer of every fsync by `ms` milliseconds (0: none).
     pub fn delay_fsync(&self, ms: u64) {
-        self.shared.faults.delay_fsync_ms.store(ms, Ordering::Release);
+        self.shared
+            .faults
+            .delay_fsync_ms
+            .store(ms, Ordering::Release);
     }
 
     pub fn stats(&self) -> Stats {

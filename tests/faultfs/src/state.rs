@@ -52,7 +52,10 @@ enum Obj {
     /// `<backing>/.faultfs/<ino>`: no durable name.
     Staged,
     /// The durable entry `name` of durable-or-staged directory `parent`.
-    In { parent: u64, name: OsString },
+    In {
+        parent: u64,
+        name: OsString,
+    },
 }
 
 struct Page {
@@ -224,7 +227,10 @@ impl State {
                 });
                 self.inode_from_meta(kind, obj, dir, &meta)
             } else if meta.is_file() {
-                let object = OpenOptions::new().read(true).write(true).open(entry.path())?;
+                let object = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(entry.path())?;
                 let kind = Kind::File(FileData {
                     object,
                     pages: BTreeMap::new(),
@@ -344,7 +350,14 @@ impl State {
     }
 
     /// Creates a regular file with no durable name yet.
-    pub fn create(&mut self, parent: u64, name: &OsStr, perm: u16, uid: u32, gid: u32) -> Result<u64> {
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Result<u64> {
         self.check_new_name(parent, name)?;
         let ino = self.alloc_ino();
         let object = OpenOptions::new()
@@ -367,7 +380,14 @@ impl State {
     }
 
     /// Creates a directory with no durable name yet.
-    pub fn mkdir(&mut self, parent: u64, name: &OsStr, perm: u16, uid: u32, gid: u32) -> Result<u64> {
+    pub fn mkdir(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Result<u64> {
         self.check_new_name(parent, name)?;
         let ino = self.alloc_ino();
         std::fs::create_dir(self.staging.join(ino.to_string())).map_err(io_errno)?;
@@ -407,7 +427,9 @@ impl State {
     /// Forgets an inode nobody can reach: no current name, no open handle
     /// and no durable name (its object is in staging).
     fn reap(&mut self, ino: u64) {
-        let Some(i) = self.inodes.get(&ino) else { return };
+        let Some(i) = self.inodes.get(&ino) else {
+            return;
+        };
         let durable_children = matches!(&i.kind, Kind::Dir(d) if !d.durable.is_empty());
         if i.linked || i.open > 0 || i.obj != Obj::Staged || durable_children {
             return;
@@ -424,7 +446,14 @@ impl State {
 
     /// rename(2) in the current namespace only; durable on fsync of the
     /// directories.
-    pub fn rename(&mut self, p: u64, n: &OsStr, np: u64, nn: &OsStr, noreplace: bool) -> Result<()> {
+    pub fn rename(
+        &mut self,
+        p: u64,
+        n: &OsStr,
+        np: u64,
+        nn: &OsStr,
+        noreplace: bool,
+    ) -> Result<()> {
         let ino = self.lookup(p, n)?;
         if np == ROOT_INO && nn == STAGING_NAME {
             return Err(libc::EPERM);
@@ -495,10 +524,13 @@ impl State {
 
     /// Bytes of all files' logical sizes (what a quota counts).
     pub fn used_bytes(&self) -> u64 {
-        self.inodes.values().map(|i| match &i.kind {
-            Kind::File(f) => f.size,
-            Kind::Dir(_) => 0,
-        }).sum()
+        self.inodes
+            .values()
+            .map(|i| match &i.kind {
+                Kind::File(f) => f.size,
+                Kind::Dir(_) => 0,
+            })
+            .sum()
     }
 
     pub fn dirty_bytes(&self) -> u64 {
@@ -638,7 +670,13 @@ impl State {
         }
     }
 
-    pub fn setattr_meta(&mut self, ino: u64, perm: Option<u16>, uid: Option<u32>, gid: Option<u32>) -> Result<()> {
+    pub fn setattr_meta(
+        &mut self,
+        ino: u64,
+        perm: Option<u16>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<()> {
         let path = self.obj_path(ino);
         let i = self.inode_mut(ino)?;
         if let Some(p) = perm {
@@ -656,7 +694,12 @@ impl State {
         Ok(())
     }
 
-    pub fn set_times(&mut self, ino: u64, atime: Option<SystemTime>, mtime: Option<SystemTime>) -> Result<()> {
+    pub fn set_times(
+        &mut self,
+        ino: u64,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+    ) -> Result<()> {
         let i = self.inode_mut(ino)?;
         if let Some(a) = atime {
             i.atime = a;
