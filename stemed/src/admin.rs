@@ -1,22 +1,43 @@
-//! Admin and metrics HTTP (HTTP/1.1, axum) on `server.admin_addr`.
+//! Admin and metrics HTTP/1.1 (axum on hyper) on `server.admin_addr`.
 //!
-//! Routes: `/healthz` (liveness), `/readyz` (200 only when walld is
-//! connected, replay has caught up and the WAL accepts writes; the JSON body
-//! says why not), `/v1/admin/status` (node state) and `/metrics`.
+//! | route | does |
+//! |---|---|
+//! | `GET /metrics` | Prometheus exposition (`metrics.rs`) |
+//! | `GET /healthz` | liveness |
+//! | `GET /readyz` | 200 only when walld is connected, replay has caught up, the node is not draining and the WAL is not failed or full; the JSON body says why not |
+//! | `GET /v1/admin/status` | node state |
+//! | `POST /v1/admin/node/drain`, `/undrain` | drain (persisted) |
+//! | `GET`/`POST /v1/admin/rate-limit` | `{"max_writes_per_sec": N}`; 0 or null removes it (persisted) |
+//!
+//! Bounded: at most `ADMIN_CONNECTIONS_MAX` connections, headers within
+//! `HEADER_TIMEOUT`, whole requests within `REQUEST_TIMEOUT` (408), bodies
+//! up to `BODY_BYTES_MAX` (413). JSON bodies are accepted whatever their
+//! Content-Type, so `curl -d '{...}'` works as operators type it.
 
+use crate::auth::{AdminAuth, AdminDecision};
 use crate::checkpoint::CheckpointStats;
+use crate::ops::Ops;
 use crate::store::Store;
 use crate::watch_hub::WatchHub;
 use crate::write_path::{LinkState, WritePath};
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+pub const ADMIN_CONNECTIONS_MAX: usize = 256;
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -27,54 +48,145 @@ pub struct AdminState {
     pub started: Instant,
     /// walld's socket, for Status at scrape time.
     pub wal_socket: std::path::PathBuf,
+    pub ops: Arc<Ops>,
+    pub auth: Arc<AdminAuth>,
+    pub health: tonic_health::server::HealthReporter,
 }
 
 pub fn router(state: AdminState) -> Router {
+    let protected = Router::new()
+        .route("/v1/admin/status", get(status))
+        .route("/v1/admin/node/drain", post(drain))
+        .route("/v1/admin/node/undrain", post(undrain))
+        .route(
+            "/v1/admin/rate-limit",
+            get(get_rate_limit).post(set_rate_limit),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
-        .route("/v1/admin/status", get(status))
         .route("/metrics", get(metrics))
+        .merge(protected)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin route") })
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            BODY_BYTES_MAX,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
         .with_state(state)
 }
 
-fn link_state_name(s: &LinkState) -> (&'static str, Option<String>) {
-    match s {
-        LinkState::Serving => ("serving", None),
-        LinkState::CatchingUp => ("catching_up", Some("replaying the WAL".into())),
-        LinkState::Connecting { reason } => (
-            "disconnected",
-            Some(format!("walld is not connected: {reason}")),
-        ),
-        LinkState::DiskFull { reason } => ("disk_full", Some(reason.clone())),
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn require_admin(
+    State(s): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok());
+    match s.auth.decide(peer.ip(), authorization) {
+        AdminDecision::Allow => next.run(request).await,
+        AdminDecision::Deny(why) => {
+            tracing::warn!(peer = %peer, reason = why, "admin request refused");
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut()
+                .insert("www-authenticate", "Bearer".parse().expect("static header"));
+            r
+        }
     }
 }
 
+/// Why the node is not ready, if it is not.
+fn not_ready_reasons(s: &AdminState) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if s.ops.draining() {
+        reasons.push("node is draining".to_string());
+    }
+    match s.write_path.link_status().state {
+        LinkState::Serving => {}
+        LinkState::CatchingUp => reasons.push("replaying the WAL from walld".into()),
+        LinkState::Connecting { reason } => {
+            reasons.push(format!("walld is not connected: {reason}"))
+        }
+        LinkState::DiskFull { reason } => reasons.push(format!("WAL disk is full: {reason}")),
+    }
+    reasons
+}
+
 async fn readyz(State(s): State<AdminState>) -> Response {
-    let link = s.write_path.link_status();
-    let (name, why) = link_state_name(&link.state);
-    match why {
-        None => (StatusCode::OK, Json(json!({"ready": true}))).into_response(),
-        Some(reason) => (
+    let reasons = not_ready_reasons(&s);
+    if reasons.is_empty() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "wal": name, "reasons": [reason]})),
+            Json(json!({"ready": false, "reasons": reasons})),
         )
-            .into_response(),
+            .into_response()
+    }
+}
+
+fn link_state_name(s: &LinkState) -> &'static str {
+    match s {
+        LinkState::Serving => "serving",
+        LinkState::CatchingUp => "catching_up",
+        LinkState::Connecting { .. } => "disconnected",
+        LinkState::DiskFull { .. } => "disk_full",
+    }
+}
+
+fn node_state(s: &AdminState) -> &'static str {
+    if s.ops.draining() {
+        "draining"
+    } else {
+        "serving"
     }
 }
 
 async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let link = s.write_path.link_status();
     let c = &s.write_path.counters;
+    let wal = crate::wal_link::status(&s.wal_socket, crate::metrics::WAL_STATUS_TIMEOUT)
+        .await
+        .ok();
+    let wal_state =
+        wal.as_ref().map(
+            |w| match stemedb_proto::wal::v1::WalState::try_from(w.state) {
+                Ok(stemedb_proto::wal::v1::WalState::Serving) => "serving",
+                Ok(stemedb_proto::wal::v1::WalState::Failed) => "failed",
+                Ok(stemedb_proto::wal::v1::WalState::DiskFull) => "disk_full",
+                _ => "unknown",
+            },
+        );
     Json(json!({
-        "state": "serving",
+        "state": node_state(&s),
+        "ready": not_ready_reasons(&s).is_empty(),
         "applied_lsn": s.store.applied_lsn(),
-        "durable_lsn": link.durable_lsn,
-        "writer_epoch": link.epoch,
-        "wal": link_state_name(&link.state).0,
+        "durable_lsn": wal.as_ref().map(|w| w.durable_lsn).unwrap_or(link.durable_lsn),
         "writes_in_flight": c.writes_in_flight.load(Ordering::Relaxed),
         "write_bytes_in_flight": c.write_bytes_in_flight.load(Ordering::Relaxed),
         "write_queue_depth": s.write_path.queue_depth(),
+        "max_writes_per_sec": s.ops.effective_write_limit(),
+        "wal_link": link_state_name(&link.state),
+        "writer_epoch": link.epoch,
+        "walld": {
+            "reachable": wal.is_some(),
+            "state": wal_state,
+            "reason": wal.as_ref().map(|w| w.reason.clone()),
+            "first_lsn": wal.as_ref().map(|w| w.first_lsn),
+            "segments": wal.as_ref().map(|w| w.segment_count),
+            "fs_free_bytes": wal.as_ref().map(|w| w.fs_free_bytes),
+        },
         "watch_streams": s.hub.streams(),
         "checkpoint_flushed_lsn": s.checkpoints.flushed_lsn.load(Ordering::Relaxed),
         "uptime_seconds": s.started.elapsed().as_secs(),
@@ -82,7 +194,208 @@ async fn status(State(s): State<AdminState>) -> Json<serde_json::Value> {
     }))
 }
 
+async fn set_serving(s: &AdminState, serving: bool) {
+    use crate::grpc::StoreService;
+    use stemedb_proto::store::v1::store_server::StoreServer;
+    let health = s.health.clone();
+    if serving {
+        health.set_serving::<StoreServer<StoreService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+    } else {
+        health.set_not_serving::<StoreServer<StoreService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
+async fn drain(State(s): State<AdminState>) -> Response {
+    if let Err(e) = s.ops.set_draining(true) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot persist drain: {e:#}"),
+        );
+    }
+    set_serving(&s, false).await;
+    tracing::warn!("node draining: new writes are refused, reads are served");
+    drain_reply(&s)
+}
+
+async fn undrain(State(s): State<AdminState>) -> Response {
+    if let Err(e) = s.ops.set_draining(false) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot persist undrain: {e:#}"),
+        );
+    }
+    set_serving(&s, true).await;
+    tracing::info!("node serving again");
+    drain_reply(&s)
+}
+
+fn drain_reply(s: &AdminState) -> Response {
+    Json(json!({
+        "state": node_state(s),
+        "writes_in_flight": s.write_path.counters.writes_in_flight.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+async fn get_rate_limit(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json(json!({"max_writes_per_sec": s.ops.effective_write_limit()}))
+}
+
+/// Parses `{"max_writes_per_sec": N | 0 | null}`.
+fn parse_rate_limit(body: &[u8]) -> Result<Option<u32>, String> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("body is not JSON: {e}; expected {{\"max_writes_per_sec\": N}}"))?;
+    let obj = v
+        .as_object()
+        .ok_or("body must be a JSON object like {\"max_writes_per_sec\": 500}")?;
+    if let Some(k) = obj.keys().find(|k| *k != "max_writes_per_sec") {
+        return Err(format!("unknown field {k:?}; expected max_writes_per_sec"));
+    }
+    match obj.get("max_writes_per_sec") {
+        None => {
+            Err("max_writes_per_sec: required (a number, 0 or null to remove the limit)".into())
+        }
+        Some(serde_json::Value::Null) => Ok(None),
+        Some(n) => {
+            let n = n.as_u64().ok_or_else(|| {
+                format!("max_writes_per_sec: {n} is not a non-negative whole number")
+            })?;
+            let n = u32::try_from(n)
+                .map_err(|_| format!("max_writes_per_sec: {n} exceeds {}", u32::MAX))?;
+            Ok((n > 0).then_some(n))
+        }
+    }
+}
+
+async fn set_rate_limit(State(s): State<AdminState>, body: Bytes) -> Response {
+    let limit = match parse_rate_limit(&body) {
+        Ok(l) => l,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, msg),
+    };
+    match s.ops.set_write_limit(limit) {
+        Ok(effective) => {
+            tracing::warn!(max_writes_per_sec = ?effective, "write rate limit changed");
+            Json(json!({"max_writes_per_sec": effective})).into_response()
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot persist the rate limit: {e:#}"),
+        ),
+    }
+}
+
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let text = crate::metrics::render(&s).await;
+    let mut text = crate::metrics::render(&s).await;
+    text.push_str(&format!(
+        "# HELP stemedb_api_rate_limited_total Requests refused by a rate limit.\n# TYPE stemedb_api_rate_limited_total counter\nstemedb_api_rate_limited_total {}\n# HELP stemedb_node_draining 1 while the node is draining.\n# TYPE stemedb_node_draining gauge\nstemedb_node_draining {}\n",
+        s.ops.rate_limited.load(Ordering::Relaxed),
+        u8::from(s.ops.draining())
+    ));
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Accept loop: a bounded number of connections, each served by hyper with
+/// a header timeout, optionally over TLS.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return Ok(()),
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "admin connection refused: {ADMIN_CONNECTIONS_MAX} connections open");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(s, peer, router).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "admin TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "admin TLS handshake timed out"),
+                    }
+                }
+                None => serve_connection(stream, peer, router).await,
+            }
+        });
+    }
+}
+
+async fn serve_connection<S>(stream: S, peer: SocketAddr, router: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(peer = %peer, error = %e, "admin connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate_limit;
+
+    #[test]
+    fn rate_limit_bodies() {
+        assert_eq!(
+            parse_rate_limit(br#"{"max_writes_per_sec": 500}"#),
+            Ok(Some(500))
+        );
+        assert_eq!(parse_rate_limit(br#"{"max_writes_per_sec": 0}"#), Ok(None));
+        assert_eq!(
+            parse_rate_limit(br#"{"max_writes_per_sec": null}"#),
+            Ok(None)
+        );
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            br#"{"max_writes_per_sec": -1}"#,
+            br#"{"max_writes_per_sec": 1.5}"#,
+            br#"{}"#,
+            br#"{"rate": 1}"#,
+        ] {
+            let err = parse_rate_limit(bad).unwrap_err();
+            assert!(!err.is_empty());
+        }
+        assert!(parse_rate_limit(br#"{"max_writes_per_sec": "x"}"#)
+            .unwrap_err()
+            .contains("max_writes_per_sec"));
+    }
 }

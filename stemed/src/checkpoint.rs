@@ -7,7 +7,6 @@
 //! truncation restarts from the flushed `applied_lsn`, whose successors are
 //! all still in the WAL.
 
-use crate::config::CheckpointConfig;
 use crate::store::Store;
 use crate::wal_link;
 use std::path::PathBuf;
@@ -27,18 +26,19 @@ pub struct CheckpointStats {
 pub async fn run(
     store: Store,
     socket: PathBuf,
-    config: CheckpointConfig,
+    interval: Duration,
+    retain_records: u64,
     stats: Arc<CheckpointStats>,
 ) {
-    if config.interval_ms == 0 {
+    if interval.is_zero() {
         return;
     }
-    let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(e) = once(&store, &socket, &config, &stats).await {
+        if let Err(e) = once(&store, &socket, retain_records, &stats).await {
             tracing::warn!(error = %e, "checkpoint failed; will retry");
         }
     }
@@ -47,13 +47,13 @@ pub async fn run(
 pub async fn once(
     store: &Store,
     socket: &std::path::Path,
-    config: &CheckpointConfig,
+    retain_records: u64,
     stats: &CheckpointStats,
 ) -> anyhow::Result<()> {
     let flushed = store.flush_async().await?;
     stats.flushed_lsn.store(flushed, Ordering::Release);
     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-    let below = (flushed + 1).saturating_sub(config.wal_retain_records);
+    let below = (flushed + 1).saturating_sub(retain_records);
     assert!(below <= flushed + 1, "truncation would pass the checkpoint");
     if below <= stats.truncated_below_lsn.load(Ordering::Acquire).max(1) {
         return Ok(());
@@ -61,7 +61,11 @@ pub async fn once(
     let removed = wal_link::truncate(socket, below, Duration::from_secs(5)).await?;
     stats.truncated_below_lsn.store(below, Ordering::Release);
     if removed > 0 {
-        tracing::info!(below_lsn = below, segments_removed = removed, "WAL truncated after checkpoint");
+        tracing::info!(
+            below_lsn = below,
+            segments_removed = removed,
+            "WAL truncated after checkpoint"
+        );
     }
     Ok(())
 }

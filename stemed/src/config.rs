@@ -4,33 +4,36 @@
 //!
 //! Every knob is documented in `docs/operations/configuration.md`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
     pub wal: WalConfig,
+    pub storage: StorageConfig,
     pub limits: Limits,
-    pub store: StoreSection,
-    pub checkpoint: CheckpointConfig,
+    pub rate_limit: RateLimitConfig,
+    pub auth: AuthConfig,
+    pub tls: TlsConfig,
+    pub telemetry: TelemetryConfig,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Public gRPC API address.
     pub grpc_addr: SocketAddr,
     /// Admin and metrics HTTP address.
     pub admin_addr: SocketAddr,
-    /// Where sled keeps the indexes (and, in dev mode, walld's WAL).
-    pub data_dir: PathBuf,
+    /// Bound on waiting for in-flight requests at shutdown.
+    pub shutdown_grace_ms: u64,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalConfig {
     /// walld's Unix socket. When unset, stemed runs in dev mode: it spawns a
@@ -54,7 +57,7 @@ pub struct WalConfig {
 
 /// Validation and admission limits. Each one is named in the error that
 /// enforces it.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub assertions_per_tx_max: usize,
@@ -80,37 +83,74 @@ pub struct Limits {
     pub watch_streams_max: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct StoreSection {
+pub struct StorageConfig {
+    /// Where sled keeps the indexes and the node state (and, in dev mode,
+    /// walld's WAL and socket).
+    pub data_dir: PathBuf,
     /// sled's page cache.
     pub cache_capacity_bytes: u64,
     /// Entities whose current view is cached.
     pub entity_cache_entries: u64,
     /// How long idempotency keys are remembered.
     pub idempotency_retention_secs: u64,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CheckpointConfig {
     /// How often sled is flushed and the WAL truncated below the flushed
-    /// `applied_lsn`. 0 disables checkpoints (the WAL then grows).
-    pub interval_ms: u64,
+    /// `applied_lsn` (a checkpoint). 0 disables checkpoints.
+    pub checkpoint_interval_ms: u64,
     /// Records kept in the WAL below the checkpoint (retention).
     pub wal_retain_records: u64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            wal: WalConfig::default(),
-            limits: Limits::default(),
-            store: StoreSection::default(),
-            checkpoint: CheckpointConfig::default(),
-        }
-    }
+/// Rate limits. `writes_per_sec` is the starting global write limit in
+/// assertions per second; the admin API changes it at runtime and that
+/// choice persists in the node state. 0 means no limit.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Assertions per second written through Transact.
+    pub writes_per_sec: u32,
+    /// Get, Query and History calls per second.
+    pub queries_per_sec: u32,
+    /// Watch streams opened per second.
+    pub watch_streams_per_sec: u32,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// File holding the admin bearer token, required for admin requests
+    /// from addresses outside `trusted_networks`. Unset: such requests are
+    /// refused.
+    pub admin_token_file: Option<PathBuf>,
+    /// Networks (CIDR) whose admin requests need no token.
+    pub trusted_networks: Vec<String>,
+    /// gRPC bearer tokens, one `TOKEN ROLE` per line (roles: read, write,
+    /// admin). Unset: the gRPC API needs no token.
+    pub tokens_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key_file`, turns on TLS for gRPC and
+    /// admin HTTP.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle; when set, clients must present a certificate signed
+    /// by it (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    pub log_level: String,
+    /// OTLP/gRPC endpoint for traces; unset: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -118,7 +158,7 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: "127.0.0.1:18181".parse().expect("static address"),
             admin_addr: "127.0.0.1:18180".parse().expect("static address"),
-            data_dir: PathBuf::from("./stemedb-data"),
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -157,38 +197,119 @@ impl Default for Limits {
     }
 }
 
-impl Default for StoreSection {
+impl Default for StorageConfig {
     fn default() -> Self {
-        StoreSection {
+        StorageConfig {
+            data_dir: PathBuf::from("./stemedb-data"),
             cache_capacity_bytes: 256 << 20,
             entity_cache_entries: 10_000,
             idempotency_retention_secs: 7 * 24 * 3600,
-        }
-    }
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        CheckpointConfig {
-            interval_ms: 10_000,
+            checkpoint_interval_ms: 10_000,
             wal_retain_records: 0,
         }
     }
 }
 
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            admin_token_file: None,
+            trusted_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            tokens_file: None,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_format: "text".into(),
+            log_level: "info".into(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+/// The config sections; an environment variable `STEMEDB_<SECTION>_<KEY>`
+/// overrides `<key>` of `[<section>]`.
+pub const SECTIONS: &[&str] = &[
+    "rate_limit",
+    "telemetry",
+    "storage",
+    "server",
+    "limits",
+    "auth",
+    "tls",
+    "wal",
+];
+
 impl Config {
     /// Reads a TOML file. Unknown keys and bad values are errors that name
     /// the key.
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        Self::load(Some(path), std::iter::empty())
     }
 
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text)?;
+        let table: toml::Table = toml::from_str(text)?;
+        let config = Self::from_table(table)?;
         config.check()?;
         Ok(config)
+    }
+
+    /// The effective config: defaults, then the file (if any), then every
+    /// `STEMEDB_<SECTION>_<KEY>` variable of `env`. Errors name the file or
+    /// the variable and the key.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Iterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+                let t: toml::Table = toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+                Self::from_table(t.clone())
+                    .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+                t
+            }
+            None => toml::Table::new(),
+        };
+        let known = known_keys();
+        let mut vars: Vec<(String, String)> = env.collect();
+        vars.sort();
+        for (name, raw) in vars {
+            let Some((section, key)) = env_target(&name) else {
+                continue;
+            };
+            if !known.contains(&(section.to_string(), key.clone())) {
+                anyhow::bail!("environment variable {name}: [{section}] has no key `{key}`");
+            }
+            let value = parse_env_value(&raw);
+            table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| anyhow::anyhow!("config section [{section}] is not a table"))?
+                .insert(key.clone(), value);
+            Self::from_table(table.clone())
+                .map_err(|e| anyhow::anyhow!("environment variable {name}={raw:?}: {e}"))?;
+        }
+        let config = Self::from_table(table)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn from_table(table: toml::Table) -> anyhow::Result<Config> {
+        Config::deserialize(toml::Value::Table(table)).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The effective config as TOML. Secrets never live in the config
+    /// itself (only the paths of the files holding them), so nothing here
+    /// needs redacting; the files' contents are never printed or logged.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
     /// Cross-field checks that serde cannot express.
@@ -224,10 +345,32 @@ impl Config {
             "wal.group_commit_max_records must be at least 1"
         );
         anyhow::ensure!(
+            matches!(self.telemetry.log_format.as_str(), "text" | "json"),
+            "telemetry.log_format must be \"text\" or \"json\", not {:?}",
+            self.telemetry.log_format
+        );
+        for n in &self.auth.trusted_networks {
+            n.parse::<ipnet::IpNet>().map_err(|e| {
+                anyhow::anyhow!("auth.trusted_networks: {n:?} is not a CIDR network: {e}")
+            })?;
+        }
+        anyhow::ensure!(
+            self.tls.cert_file.is_some() == self.tls.key_file.is_some(),
+            "tls.cert_file and tls.key_file must be set together"
+        );
+        anyhow::ensure!(
+            self.tls.client_ca_file.is_none() || self.tls.cert_file.is_some(),
+            "tls.client_ca_file needs tls.cert_file and tls.key_file"
+        );
+        anyhow::ensure!(
             l.write_queue_depth_max >= 1,
             "limits.write_queue_depth_max must be at least 1"
         );
         Ok(())
+    }
+
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_millis(self.storage.checkpoint_interval_ms)
     }
 
     pub fn write_timeout(&self) -> Duration {
@@ -237,6 +380,44 @@ impl Config {
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.read_timeout_ms)
     }
+}
+
+/// Every `(section, key)` of the config, including optional keys.
+pub fn known_keys() -> Vec<(String, String)> {
+    let value = serde_json::to_value(Config::default()).expect("config serializes");
+    let mut out = Vec::new();
+    if let Some(sections) = value.as_object() {
+        for (section, keys) in sections {
+            if let Some(keys) = keys.as_object() {
+                for key in keys.keys() {
+                    out.push((section.clone(), key.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The environment variable that overrides `[section] key`.
+pub fn env_name(section: &str, key: &str) -> String {
+    format!("STEMEDB_{}_{}", section.to_uppercase(), key.to_uppercase())
+}
+
+fn env_target(name: &str) -> Option<(&'static str, String)> {
+    let rest = name.strip_prefix("STEMEDB_")?.to_lowercase();
+    SECTIONS.iter().find_map(|section| {
+        let key = rest.strip_prefix(section)?.strip_prefix('_')?;
+        Some((*section, key.to_string()))
+    })
+}
+
+/// An environment value is read as a TOML value (number, bool, array) when
+/// it parses as one, else as a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
 }
 
 #[cfg(test)]
@@ -254,7 +435,10 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let err = Config::from_toml("[wal]\ngroup_commit_max_wiat_ms = 3\n").unwrap_err();
-        assert!(err.to_string().contains("group_commit_max_wiat_ms"), "{err}");
+        assert!(
+            err.to_string().contains("group_commit_max_wiat_ms"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -265,6 +449,51 @@ mod tests {
         .unwrap();
         assert_eq!(c.wal.group_commit_max_wait_ms, 10);
         assert_eq!(c.wal.group_commit_max_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn env_overrides_every_section_and_names_bad_variables() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let c = Config::load(
+            None,
+            env(&[
+                ("STEMEDB_WAL_GROUP_COMMIT_MAX_WAIT_MS", "7"),
+                ("STEMEDB_RATE_LIMIT_WRITES_PER_SEC", "500"),
+                ("STEMEDB_STORAGE_DATA_DIR", "/tmp/x"),
+                ("STEMEDB_WAL_SOCKET", "/run/stemedb/walld.sock"),
+                ("STEMEDB_AUTH_TRUSTED_NETWORKS", "[\"10.0.0.0/8\"]"),
+                ("STEMEDB_TEST_SEED", "1"),
+                ("STEMEDB_WALLD_DIR", "/ignored/by/stemed"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.wal.group_commit_max_wait_ms, 7);
+        assert_eq!(c.rate_limit.writes_per_sec, 500);
+        assert_eq!(c.storage.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.auth.trusted_networks, vec!["10.0.0.0/8".to_string()]);
+        let err = Config::load(None, env(&[("STEMEDB_WAL_GROUP_COMIT_MAX_WAIT_MS", "7")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STEMEDB_WAL_GROUP_COMIT_MAX_WAIT_MS"), "{err}");
+        let err = Config::load(None, env(&[("STEMEDB_LIMITS_VALUE_BYTES_MAX", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STEMEDB_LIMITS_VALUE_BYTES_MAX"), "{err}");
+    }
+
+    #[test]
+    fn every_key_has_an_env_name_in_the_example_file() {
+        let example = include_str!("../../deploy/.env.example");
+        for (section, key) in known_keys() {
+            let name = env_name(&section, &key);
+            assert!(example.contains(&name), "deploy/.env.example lacks {name}");
+        }
     }
 
     #[test]

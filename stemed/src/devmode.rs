@@ -42,7 +42,7 @@ pub fn find_walld(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
         }
     }
     bail!(
-        "walld not found next to {} or on PATH; build both binaries with `cargo build --release --bins`, or set wal.walld_bin (STEMEDB_WALLD_BIN)",
+        "walld not found next to {} or on PATH; build both binaries with `cargo build --release --bins`, or set wal.walld_bin (STEMEDB_WAL_WALLD_BIN, or --walld-bin)",
         exe.display()
     )
 }

@@ -21,6 +21,7 @@ const WATCH_CATCH_UP_TX_MAX: usize = 256;
 const WATCH_STREAM_BUFFER_MAX: usize = 64;
 
 pub struct StoreService {
+    pub ops: Arc<crate::ops::Ops>,
     pub write_path: Arc<WritePath>,
     pub store: Store,
     pub hub: Arc<WatchHub>,
@@ -33,7 +34,10 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::TransactRequest>,
     ) -> Result<Response<pb::TransactResponse>, Status> {
-        let deadline = deadline_of(&request, Duration::from_millis(self.limits.write_timeout_ms));
+        let deadline = deadline_of(
+            &request,
+            Duration::from_millis(self.limits.write_timeout_ms),
+        );
         let req = request.into_inner();
         let assertions = req
             .assertions
@@ -54,7 +58,10 @@ impl pb::store_server::Store for StoreService {
         }))
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let req = request.into_inner();
         if req.entity.is_empty() {
             return Err(Status::invalid_argument("entity: required"));
@@ -73,12 +80,15 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
+        self.check_query()?;
         let req = request.into_inner();
         if req.attribute.is_empty() {
             return Err(Status::invalid_argument("attribute: required"));
         }
         let value = match req.value {
-            Some(v) => Some(value_from_pb(v).map_err(|e| Status::invalid_argument(format!("value: {e}")))?),
+            Some(v) => Some(
+                value_from_pb(v).map_err(|e| Status::invalid_argument(format!("value: {e}")))?,
+            ),
             None => None,
         };
         let params = QueryParams {
@@ -102,6 +112,7 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::HistoryRequest>,
     ) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.check_query()?;
         let req = request.into_inner();
         if req.entity.is_empty() {
             return Err(Status::invalid_argument("entity: required"));
@@ -135,6 +146,9 @@ impl pb::store_server::Store for StoreService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.ops
+            .check_watch()
+            .map_err(|r| rate_limited_status(r.message, r.retry_after))?;
         let from_tx = request.into_inner().from_tx.max(1);
         if self.hub.open_stream() >= self.limits.watch_streams_max as u64 {
             self.hub.close_stream();
@@ -158,6 +172,12 @@ impl pb::store_server::Store for StoreService {
 }
 
 impl StoreService {
+    fn check_query(&self) -> Result<(), Status> {
+        self.ops
+            .check_query()
+            .map_err(|r| rate_limited_status(r.message, r.retry_after))
+    }
+
     fn page_limit(&self, requested: u32) -> Result<usize, Status> {
         let max = self.limits.page_limit_max;
         match requested as usize {
@@ -199,7 +219,11 @@ impl Watcher {
         loop {
             let store = self.store.clone();
             let from = self.next_tx;
-            let entries = match blocking(move || store.transactions_from(from, WATCH_CATCH_UP_TX_MAX)).await {
+            let entries = match blocking(move || {
+                store.transactions_from(from, WATCH_CATCH_UP_TX_MAX)
+            })
+            .await
+            {
                 Ok(e) => e,
                 Err(status) => {
                     let _ = self.out.send(Err(status)).await;
@@ -293,8 +317,25 @@ pub fn write_status(e: WriteError) -> Status {
         WriteError::Unavailable(m) => Status::unavailable(m),
         WriteError::ResourceExhausted(m) => Status::resource_exhausted(m),
         WriteError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        WriteError::RateLimited {
+            message,
+            retry_after,
+        } => rate_limited_status(message, retry_after),
         WriteError::Internal(m) => Status::internal(m),
     }
+}
+
+/// RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` in the details and the
+/// same delay in `retry-after-ms` metadata, for clients that do not decode
+/// details.
+pub fn rate_limited_status(message: String, retry_after: Duration) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let details = ErrorDetails::with_retry_info(Some(retry_after));
+    let mut status = Status::with_error_details(tonic::Code::ResourceExhausted, message, details);
+    if let Ok(v) = retry_after.as_millis().max(1).to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", v);
+    }
+    status
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -311,7 +352,11 @@ fn assertion_from_pb(i: usize, a: pb::Assertion) -> Result<store::Assertion, Sta
     let value = match a.value {
         Some(v) => value_from_pb(v)
             .map_err(|e| Status::invalid_argument(format!("assertions[{i}].value: {e}")))?,
-        None => return Err(Status::invalid_argument(format!("assertions[{i}].value: required"))),
+        None => {
+            return Err(Status::invalid_argument(format!(
+                "assertions[{i}].value: required"
+            )))
+        }
     };
     let op = match pb::Op::try_from(a.op) {
         Ok(pb::Op::Unspecified) | Ok(pb::Op::Assert) => store::Op::Assert,

@@ -8,13 +8,16 @@
 //! - `server`: wiring of all of the above; `main.rs` only parses flags.
 
 pub mod admin;
+pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod devmode;
 pub mod grpc;
 pub mod metrics;
+pub mod ops;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod wal_link;
 pub mod watch_hub;
 pub mod write_path;

@@ -5,11 +5,14 @@
 //! it admitted, flush sled, then stop a dev-mode walld.
 
 use crate::admin::{self, AdminState};
+use crate::auth::{AdminAuth, GrpcAuth, GrpcAuthLayer};
 use crate::checkpoint::{self, CheckpointStats};
 use crate::config::Config;
 use crate::devmode::{self, ChildWalld};
 use crate::grpc::StoreService;
+use crate::ops::Ops;
 use crate::store::{Store, StoreConfig};
+use crate::tls;
 use crate::watch_hub::WatchHub;
 use crate::write_path::{LinkConfig, WritePath};
 use anyhow::Context;
@@ -19,12 +22,9 @@ use stemedb_proto::store::v1::store_server::StoreServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Bound on waiting for in-flight requests at shutdown.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
-    let data_dir = config.server.data_dir.clone();
+    let data_dir = config.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let (socket, child) = match &config.wal.socket {
@@ -43,19 +43,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let store = Store::open(StoreConfig {
         path: data_dir.join("store"),
-        cache_capacity_bytes: config.store.cache_capacity_bytes,
-        entity_cache_entries: config.store.entity_cache_entries,
-        idempotency_retention: Duration::from_secs(config.store.idempotency_retention_secs),
+        cache_capacity_bytes: config.storage.cache_capacity_bytes,
+        entity_cache_entries: config.storage.entity_cache_entries,
+        idempotency_retention: Duration::from_secs(config.storage.idempotency_retention_secs),
     })
     .context("cannot open the store")?;
     tracing::info!(applied_lsn = store.applied_lsn(), "store opened");
 
+    let ops = Arc::new(Ops::open(&data_dir, &config.rate_limit)?);
+    if ops.draining() {
+        tracing::warn!("node is draining (persisted); undrain it to accept writes");
+    }
+    let admin_auth = Arc::new(AdminAuth::from_config(&config.auth)?);
+    let grpc_auth = Arc::new(GrpcAuth::from_config(&config.auth)?);
+    let grpc_tls = tls::grpc(&config.tls)?;
+    let admin_tls = tls::admin(&config.tls)?;
     let hub = Arc::new(WatchHub::new(store.applied_lsn()));
     let link = LinkConfig {
         socket: socket.clone(),
         writer_id: format!("stemed-{}", std::process::id()),
     };
-    let write_path = WritePath::start(&config, store.clone(), hub.clone(), link);
+    let write_path = WritePath::start(&config, store.clone(), hub.clone(), link, ops.clone());
     tracing::info!(socket = %socket.display(), "connecting to walld and replaying the WAL");
     tokio::select! {
         _ = write_path.wait_serving() => {}
@@ -71,7 +79,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(checkpoint::run(
         store.clone(),
         socket.clone(),
-        config.checkpoint.clone(),
+        config.checkpoint_interval(),
+        config.storage.wal_retain_records,
         checkpoints.clone(),
     ));
     tokio::spawn(purge_idempotency_keys(store.clone()));
@@ -89,7 +98,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         data_dir.display()
     );
 
+    let (health, health_service) = tonic_health::server::health_reporter();
     let admin_state = AdminState {
+        ops: ops.clone(),
+        auth: admin_auth,
+        health: health.clone(),
         write_path: write_path.clone(),
         store: store.clone(),
         hub: hub.clone(),
@@ -98,13 +111,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wal_socket: socket.clone(),
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin = tokio::spawn(serve_admin(admin_listener, admin_state, stop_rx.clone()));
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        admin::router(admin_state),
+        admin_tls,
+        stop_rx.clone(),
+    ));
+    let service = StoreService {
+        ops: ops.clone(),
+        write_path: write_path.clone(),
+        store: store.clone(),
+        hub,
+        limits: config.limits.clone(),
+    };
     let grpc = tokio::spawn(serve_grpc(
         grpc_listener,
-        config.clone(),
-        write_path.clone(),
-        store.clone(),
-        hub,
+        GrpcParts {
+            service,
+            health,
+            auth: grpc_auth,
+            tls: grpc_tls,
+            draining: ops.draining(),
+            message_bytes_max: config.limits.grpc_message_bytes_max,
+        },
+        health_service,
         stop_rx,
     ));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -113,8 +143,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, grpc).await;
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, admin).await;
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    let _ = tokio::time::timeout(grace, grpc).await;
+    let _ = tokio::time::timeout(grace, admin).await;
     write_path.close().await;
     let flushed = store.flush_async().await?;
     tracing::info!(applied_lsn = flushed, "store flushed");
@@ -124,55 +155,54 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_grpc(
+struct GrpcParts {
+    service: StoreService,
+    health: tonic_health::server::HealthReporter,
+    auth: Arc<GrpcAuth>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    draining: bool,
+    message_bytes_max: usize,
+}
+
+async fn serve_grpc<H: tonic_health::pb::health_server::Health>(
     listener: TcpListener,
-    config: Config,
-    write_path: Arc<WritePath>,
-    store: Store,
-    hub: Arc<WatchHub>,
+    parts: GrpcParts,
+    health_service: tonic_health::pb::health_server::HealthServer<H>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<StoreServer<StoreService>>().await;
+    let health = parts.health;
+    if parts.draining {
+        health.set_not_serving::<StoreServer<StoreService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    } else {
+        health.set_serving::<StoreServer<StoreService>>().await;
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(stemedb_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
-    let limits = config.limits.clone();
-    let service = StoreService {
-        write_path,
-        store,
-        hub,
-        limits: limits.clone(),
-    };
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = parts.tls {
+        builder = builder.tls_config(tls).context("invalid TLS config")?;
+    }
     let incoming = TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    builder
         .tcp_nodelay(true)
+        .layer(GrpcAuthLayer(parts.auth))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
-            StoreServer::new(service)
-                .max_decoding_message_size(limits.grpc_message_bytes_max)
-                .max_encoding_message_size(limits.grpc_message_bytes_max),
+            StoreServer::new(parts.service)
+                .max_decoding_message_size(parts.message_bytes_max)
+                .max_encoding_message_size(parts.message_bytes_max),
         )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await
         .context("gRPC server failed")
-}
-
-async fn serve_admin(
-    listener: TcpListener,
-    state: AdminState,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    axum::serve(listener, admin::router(state))
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
-        .context("admin server failed")
 }
 
 /// Idempotency keys older than the retention are dropped hourly, in bounded

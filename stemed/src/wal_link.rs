@@ -194,10 +194,7 @@ fn status_error(socket: &Path, s: tonic::Status) -> WalError {
 
 /// A read-only client for Status and truncation, independent of the
 /// writer session (used by the admin server and checkpoints).
-pub async fn status(
-    socket: &Path,
-    timeout: Duration,
-) -> Result<pb::StatusResponse, WalError> {
+pub async fn status(socket: &Path, timeout: Duration) -> Result<pb::StatusResponse, WalError> {
     let mut c = client(connect_channel(socket, timeout).await?);
     let mut req = tonic::Request::new(pb::StatusRequest {});
     req.set_timeout(timeout);

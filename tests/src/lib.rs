@@ -63,7 +63,7 @@ pub fn free_port() -> u16 {
 pub struct NodeOptions {
     /// Extra flags for walld.
     pub walld_args: Vec<String>,
-    /// Extra environment for stemed (e.g. STEMEDB_GROUP_COMMIT_MAX_WAIT_MS).
+    /// Extra environment for stemed (e.g. STEMEDB_WAL_GROUP_COMMIT_MAX_WAIT_MS).
     pub stemed_env: Vec<(String, String)>,
     /// Extra flags for stemed.
     pub stemed_args: Vec<String>,

@@ -46,7 +46,7 @@ async fn a_larger_group_commit_window_lowers_fsyncs_per_transaction() {
     let ratio_immediate = fsyncs_per_tx(&immediate, 8, 40).await;
     drop(immediate);
     let windowed = Node::start_with(NodeOptions {
-        stemed_env: vec![("STEMEDB_GROUP_COMMIT_MAX_WAIT_MS".into(), "10".into())],
+        stemed_env: vec![("STEMEDB_WAL_GROUP_COMMIT_MAX_WAIT_MS".into(), "10".into())],
         ..NodeOptions::default()
     })
     .await;
@@ -61,7 +61,7 @@ async fn a_larger_group_commit_window_lowers_fsyncs_per_transaction() {
 #[tokio::test]
 async fn checkpoints_truncate_the_wal_and_restart_still_recovers_everything() {
     let mut node = Node::start_with(NodeOptions {
-        stemed_env: vec![("STEMEDB_CHECKPOINT_INTERVAL_MS".into(), "200".into())],
+        stemed_env: vec![("STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS".into(), "200".into())],
         ..NodeOptions::default()
     })
     .await;

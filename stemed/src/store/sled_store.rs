@@ -613,3 +613,147 @@ fn load_or_create_secret(tree: &sled::Tree) -> Result<[u8; TOKEN_SECRET_BYTES], 
     tree.flush()?;
     Ok(secret)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::model::{Assertion, Op, Value};
+
+    fn _store_is_send_sync_clone() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<Store>();
+    }
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(StoreConfig {
+            path: dir.to_path_buf(),
+            cache_capacity_bytes: 4 << 20,
+            entity_cache_entries: 16,
+            idempotency_retention: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    fn record(key: Option<String>, at: i64, entity: &str) -> TxRecord {
+        let a = Assertion {
+            entity: entity.into(),
+            attribute: "a".into(),
+            value: Value::Ref("x".into()),
+            source: "s".into(),
+            confidence: Some(0.5),
+            op: Op::Assert,
+        };
+        TxRecord {
+            idempotency_key: key,
+            recorded_at_micros: at,
+            assertions: vec![a],
+        }
+    }
+
+    #[test]
+    fn corrupt_index_entries_are_errors_not_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.apply(&[(1, record(None, 1, "e"))]).unwrap();
+        let tree = &store.inner.tree;
+        // A key in the entity's EAVT range that does not decode.
+        let mut bad = keys::eavt_entity_prefix("e");
+        bad.extend_from_slice(&[0x42; 3]);
+        tree.insert(&bad, &[1u8, 0]).unwrap();
+        assert!(
+            matches!(store.get("e", None), Err(StoreError::Corrupt(_))),
+            "{:?}",
+            store.get("e", None)
+        );
+        tree.remove(&bad).unwrap();
+        // A valid key whose payload is garbage.
+        let a = &record(None, 1, "e").assertions[0];
+        let good = keys::claim_keys(a, 1, 0)[0].clone();
+        tree.insert(&good, &[9u8]).unwrap();
+        assert!(matches!(
+            store.get("e", Some(1)),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A garbage tx-log record.
+        tree.insert(keys::txlog_key(1), &[0u8; 3]).unwrap();
+        assert!(matches!(
+            store.transactions_from(1, 10),
+            Err(StoreError::Corrupt(_))
+        ));
+        // A garbage applied_lsn.
+        tree.insert(keys::meta_key(META_APPLIED_LSN), &[1u8])
+            .unwrap();
+        drop(store);
+        assert!(matches!(
+            Store::open(StoreConfig {
+                path: dir.path().to_path_buf(),
+                cache_capacity_bytes: 4 << 20,
+                entity_cache_entries: 0,
+                idempotency_retention: Duration::from_secs(1),
+            }),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn purge_is_bounded_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let n = PURGE_KEYS_MAX as u64 + 100;
+        let records: Vec<(u64, TxRecord)> = (1..=n)
+            .map(|i| (i, record(Some(format!("k{i}")), i as i64, "e")))
+            .collect();
+        for chunk in records.chunks(512) {
+            store.apply(chunk).unwrap();
+        }
+        let now = n as i64 + 1_000_000 + 10;
+        assert_eq!(store.purge_idempotency(now).unwrap(), PURGE_KEYS_MAX);
+        assert_eq!(store.purge_idempotency(now).unwrap(), 100);
+        assert_eq!(store.purge_idempotency(now).unwrap(), 0);
+        assert_eq!(store.lookup_idempotency("k1").unwrap(), None);
+        // A purged key can be used again.
+        let out = store
+            .apply(&[(n + 1, record(Some("k1".into()), now, "e"))])
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![ApplyOutcome::Applied {
+                tx: n + 1,
+                recorded_at_micros: now
+            }]
+        );
+    }
+
+    #[test]
+    fn keys_newer_than_retention_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .apply(&[
+                (1, record(Some("old".into()), 0, "e")),
+                (2, record(Some("new".into()), 1_500_000, "e")),
+            ])
+            .unwrap();
+        assert_eq!(store.purge_idempotency(2_000_000).unwrap(), 1);
+        assert_eq!(store.lookup_idempotency("old").unwrap(), None);
+        assert_eq!(
+            store.lookup_idempotency("new").unwrap(),
+            Some((2, 1_500_000))
+        );
+    }
+
+    #[tokio::test]
+    async fn flush_async_returns_applied_lsn() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store
+            .apply(&[
+                (1, record(None, 1, "e")),
+                (2, record(Some("k".into()), 2, "e")),
+            ])
+            .unwrap();
+        assert_eq!(store.flush_async().await.unwrap(), 2);
+        assert!(store.size_on_disk() > 0);
+        assert_eq!(store.fact_count_estimate(), 2);
+    }
+}

@@ -127,6 +127,9 @@ fn entry(tx: u64, record: TxRecord) -> TxEntry {
 }
 
 fn fatal(msg: &str) -> ! {
-    tracing::error!(error = msg, "store apply failed; stopping so that restart replays the WAL");
+    tracing::error!(
+        error = msg,
+        "store apply failed; stopping so that restart replays the WAL"
+    );
     std::process::exit(70);
 }

@@ -158,7 +158,10 @@ impl Batcher {
                         s.state = LinkState::Serving;
                     }
                 });
-                let txs = batch.into_iter().map(|p| (p.record, Some(p.reply))).collect();
+                let txs = batch
+                    .into_iter()
+                    .map(|p| (p.record, Some(p.reply)))
+                    .collect();
                 self.send_to_applier(ApplyBatch { first_lsn, txs }).await;
                 Ok(())
             }

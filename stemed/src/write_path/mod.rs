@@ -55,8 +55,29 @@ pub enum WriteError {
     ResourceExhausted(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// Refused by a rate limit; the client may retry after `retry_after`.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+    },
     #[error("{0}")]
     Internal(String),
+}
+
+/// Stage 2's policy hook: drain and rate limits (see `ops.rs`).
+pub trait Admission: Send + Sync {
+    /// Admits or refuses a transaction of `assertions` assertions.
+    fn admit(&self, assertions: usize) -> Result<(), WriteError>;
+}
+
+/// Admits everything (tests and tools).
+pub struct AdmitAll;
+
+impl Admission for AdmitAll {
+    fn admit(&self, _: usize) -> Result<(), WriteError> {
+        Ok(())
+    }
 }
 
 pub(crate) type Reply = oneshot::Sender<Result<TxOutcome, WriteError>>;
@@ -102,6 +123,7 @@ pub struct WriteCounters {
 
 pub struct WritePath {
     limits: crate::config::Limits,
+    admission: Arc<dyn Admission>,
     store: Store,
     queue: mpsc::Sender<Pending>,
     bytes_in_flight: Semaphore,
@@ -118,7 +140,13 @@ impl WritePath {
     /// Starts the batcher and applier. The batcher first connects to walld
     /// and replays everything beyond `store.applied_lsn()`; wait for
     /// [`WritePath::wait_serving`] before serving.
-    pub fn start(config: &Config, store: Store, hub: Arc<WatchHub>, link: LinkConfig) -> Arc<Self> {
+    pub fn start(
+        config: &Config,
+        store: Store,
+        hub: Arc<WatchHub>,
+        link: LinkConfig,
+        admission: Arc<dyn Admission>,
+    ) -> Arc<Self> {
         let limits = config.limits.clone();
         let (queue_tx, queue_rx) = mpsc::channel(limits.write_queue_depth_max);
         // Two batches may wait for the applier while a third is appended:
@@ -150,6 +178,7 @@ impl WritePath {
             bytes_in_flight: Semaphore::new(limits.write_bytes_in_flight_max),
             bytes_in_flight_max: limits.write_bytes_in_flight_max,
             limits,
+            admission,
             store,
             queue: queue_tx,
             in_flight_keys: Mutex::new(HashMap::new()),
@@ -200,8 +229,10 @@ impl WritePath {
                 self.limits.tx_bytes_max
             )));
         }
-        // Stage 2: admission.
+        // Stage 2: admission: the link, drain and rate limits, then (in
+        // `admitted`) the in-flight byte budget.
         self.check_link()?;
+        self.admission.admit(assertion_count)?;
         let mut leader = match &idempotency_key {
             Some(key) => match self.join_in_flight(key)? {
                 KeyAdmission::Done(outcome) => return Ok(outcome),
@@ -231,18 +262,16 @@ impl WritePath {
         deadline: Instant,
     ) -> Result<TxOutcome, WriteError> {
         let bytes = encoded.len();
-        let permit = tokio::time::timeout_at(
-            deadline,
-            self.bytes_in_flight.acquire_many(bytes as u32),
-        )
-        .await
-        .map_err(|_| {
-            WriteError::ResourceExhausted(format!(
-                "write bytes in flight are at write_bytes_in_flight_max ({}); retry later",
-                self.bytes_in_flight_max
-            ))
-        })?
-        .map_err(|_| WriteError::Unavailable("node is shutting down".into()))?;
+        let permit =
+            tokio::time::timeout_at(deadline, self.bytes_in_flight.acquire_many(bytes as u32))
+                .await
+                .map_err(|_| {
+                    WriteError::ResourceExhausted(format!(
+                        "write bytes in flight are at write_bytes_in_flight_max ({}); retry later",
+                        self.bytes_in_flight_max
+                    ))
+                })?
+                .map_err(|_| WriteError::Unavailable("node is shutting down".into()))?;
         let c = &self.counters;
         let in_flight = InFlightGuard::new(c, bytes as u64);
         let result = self.submit(record, encoded, deadline).await;
@@ -275,12 +304,10 @@ impl WritePath {
         match tokio::time::timeout_at(deadline, self.queue.send(pending)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(WriteError::Unavailable("node is shutting down".into())),
-            Err(_) => {
-                return Err(WriteError::DeadlineExceeded(
-                    "deadline passed while waiting for the write queue (write_queue_depth_max is full)"
-                        .into(),
-                ))
-            }
+            Err(_) => return Err(WriteError::DeadlineExceeded(
+                "deadline passed while waiting for the write queue (write_queue_depth_max is full)"
+                    .into(),
+            )),
         }
         await_reply(rx, deadline).await
     }
@@ -309,7 +336,10 @@ impl WritePath {
     /// transaction is applied, so a writer that finds no entry either comes
     /// before the leader (and becomes leader) or finds the key in the store.
     fn join_in_flight(&self, key: &str) -> Result<KeyAdmission, WriteError> {
-        let mut map = self.in_flight_keys.lock().expect("in-flight key map poisoned");
+        let mut map = self
+            .in_flight_keys
+            .lock()
+            .expect("in-flight key map poisoned");
         if let Some(waiters) = map.get_mut(key) {
             let (tx, rx) = oneshot::channel();
             waiters.push(tx);
@@ -377,7 +407,9 @@ impl<'a> InFlightGuard<'a> {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        self.counters.writes_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.counters
+            .writes_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         self.counters
             .write_bytes_in_flight
             .fetch_sub(self.bytes, Ordering::Relaxed);

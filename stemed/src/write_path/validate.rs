@@ -92,11 +92,9 @@ fn value(i: usize, v: &Value, limits: &Limits) -> Result<(), Invalid> {
         Value::Double(d) if !d.is_finite() => Err(Invalid(format!(
             "assertions[{i}].value.double: {d} is not finite"
         ))),
-        Value::Timestamp { nanos, .. } if !(0..1_000_000_000).contains(nanos) => {
-            Err(Invalid(format!(
-                "assertions[{i}].value.timestamp.nanos: {nanos} is outside [0, 999999999]"
-            )))
-        }
+        Value::Timestamp { nanos, .. } if !(0..1_000_000_000).contains(nanos) => Err(Invalid(
+            format!("assertions[{i}].value.timestamp.nanos: {nanos} is outside [0, 999999999]"),
+        )),
         _ => Ok(()),
     }
 }
@@ -164,14 +162,24 @@ mod tests {
         ] {
             let mut x = a("e", Value::Int64(1));
             x.confidence = Some(c);
-            check(&[x], if ok { None } else { Some("assertions[0].confidence") });
+            check(
+                &[x],
+                if ok {
+                    None
+                } else {
+                    Some("assertions[0].confidence")
+                },
+            );
         }
     }
 
     #[test]
     fn required_fields_are_named() {
         check(&[], Some("at least 1 assertion"));
-        check(&[a("", Value::Int64(1))], Some("assertions[0].entity: required"));
+        check(
+            &[a("", Value::Int64(1))],
+            Some("assertions[0].entity: required"),
+        );
         let mut x = a("e", Value::Int64(1));
         x.source.clear();
         check(&[x], Some("assertions[0].source: required"));
