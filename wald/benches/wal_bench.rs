@@ -43,7 +43,7 @@ fn cell_duration() -> Duration {
 /// that was written and synced beforehand (the device's flush rate).
 fn raw_fdatasync_rate(dir: &std::path::Path, duration: Duration, extend: bool) -> f64 {
     const WRITE_BYTES: u64 = 8192;
-    const FILE_BYTES: u64 = 64 << 20;
+    const FILE_BYTES: u64 = 8 << 20;
     let path = dir.join("raw-fdatasync.bin");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -151,6 +151,9 @@ fn main() {
     let raw_duration = duration.max(Duration::from_millis(500));
     let raw = raw_fdatasync_rate(tmp.path(), raw_duration, false);
     let raw_extend = raw_fdatasync_rate(tmp.path(), raw_duration, true);
+    let raw_dir = tmp.path().to_path_buf();
+    let raw_cell_duration =
+        (duration / 3).clamp(Duration::from_millis(200), Duration::from_secs(1));
     let mut walld = Walld::new(tmp.path());
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_walld"));
     cmd.arg("--dir")
@@ -171,18 +174,21 @@ fn main() {
         }
         let epoch = open_writer(&mut clients[0], "bench").await;
         println!("walld benchmark: {:.2} s per cell, WAL dir {}", duration.as_secs_f64(), walld.dir.display());
-        println!("raw fdatasync rate, 8 KiB overwrite + fdatasync (\"raw\" below): {raw:.0}/s");
+        println!("load average at the start: {}", load_average());
+        println!("raw fdatasync rate at start, 8 KiB overwrite + fdatasync: {raw:.0}/s (\"raw\" below is re-measured before each cell)");
         println!("raw fdatasync rate, 8 KiB file-extending append + fdatasync: {raw_extend:.0}/s");
         println!();
-        println!("| record B | rec/append | conc | appends/s | records/s | MB/s | fsyncs/s | fsync/raw | appends/s ÷ raw | p50 ms | p99 ms |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| record B | rec/append | conc | appends/s | records/s | MB/s | fsyncs/s | raw fdatasync/s | fsync/raw | appends/s ÷ raw | p50 ms | p99 ms |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for record_bytes in RECORD_BYTES {
             for per_append in RECORDS_PER_APPEND {
                 for concurrency in CONCURRENCIES {
+                    // The disk is shared and noisy: measure raw right next to each cell.
+                    let raw = raw_fdatasync_rate(&raw_dir, raw_cell_duration, false);
                     let c = run_cell(&clients, epoch, concurrency, record_bytes, per_append, duration).await;
                     let fsyncs = c.fsyncs as f64 / c.secs;
                     println!(
-                        "| {record_bytes} | {per_append} | {concurrency} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                        "| {record_bytes} | {per_append} | {concurrency} | {:.0} | {:.0} | {:.1} | {:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
                         c.appends as f64 / c.secs,
                         c.records as f64 / c.secs,
                         c.bytes as f64 / c.secs / 1e6,
@@ -198,4 +204,14 @@ fn main() {
         }
     });
     let _ = walld.stop();
+    println!();
+    println!("load average at the end: {}", load_average());
+}
+
+/// /proc/loadavg, printed because the machine may be shared.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }

@@ -256,11 +256,21 @@ fn spawn_fail_stop(committer: &Committer, delay: Duration) {
     });
 }
 
-fn spawn_watchdog() {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
+/// The watchdog period from WATCHDOG_USEC, as sd_watchdog_enabled(3) reads
+/// it: WATCHDOG_PID, when set, must be our pid.
+fn watchdog_usec() -> Option<u64> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
     }
+    (usec > 0).then_some(usec)
+}
+
+fn spawn_watchdog() {
+    let Some(usec) = watchdog_usec() else { return };
+    tracing::info!(usec, "systemd watchdog enabled");
     let period = Duration::from_micros(usec / 2);
     tokio::spawn(async move {
         loop {

@@ -554,3 +554,69 @@ async fn drops_root_privileges_to_user() {
     assert_eq!(owner, nobody);
     assert_eq!(walld.stop().code(), Some(0), "{}", walld.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_watchdog_health_and_sync_barrier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut walld = Walld::new(tmp.path());
+    walld.start(&[], &[("WATCHDOG_USEC", "200000")]);
+    assert!(
+        walld.wait_notify("WATCHDOG=1", Duration::from_secs(5)),
+        "no WATCHDOG=1"
+    );
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn({
+            let path = walld.socket.clone();
+            move |_: tonic::codegen::http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }
+        }))
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "stemedb.wal.v1.Wal".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // no_sync appends become durable at the next Sync barrier.
+    let mut client = walld.client().await;
+    let epoch = open_writer(&mut client, "sync").await;
+    let ack = client
+        .append(pb::AppendRequest {
+            epoch,
+            records: vec![b"lazy".to_vec(); 3],
+            no_sync: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let durable = client
+        .sync(pb::SyncRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .durable_lsn;
+    assert!(durable >= ack.last_lsn);
+    assert_eq!(read_all(&mut client, 1).await.unwrap().len(), 3);
+    let s = status(&mut client).await;
+    assert_eq!((s.appended_lsn, s.durable_lsn, s.epoch), (3, 3, epoch));
+    walld.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        walld.wait_notify("STOPPING=1", Duration::from_secs(5)),
+        "no STOPPING=1"
+    );
+    assert_eq!(walld.wait_exit(Duration::from_secs(10)).code(), Some(0));
+}

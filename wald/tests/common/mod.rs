@@ -131,6 +131,26 @@ impl Walld {
         panic!("walld not ready after {READY_TIMEOUT:?}:\n{}", self.log());
     }
 
+    /// Waits for one sd_notify line (e.g. "WATCHDOG=1") on the notify socket.
+    pub fn wait_notify(&self, line: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == line)
+                {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Everything walld wrote to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
