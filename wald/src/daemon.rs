@@ -112,6 +112,10 @@ async fn run(config: Config) -> i32 {
     let index = log.index();
     let committer = match Committer::start(log, config.commit_config(), metrics) {
         Ok(c) => c,
+        Err(e @ WalError::Corrupt { .. }) => {
+            tracing::error!("refusing to start: {e}");
+            return exit::DATA_DAMAGE;
+        }
         Err(e) => {
             tracing::error!("cannot start the writer: {e}");
             return exit::FAILURE;
@@ -177,6 +181,13 @@ fn listen(config: &Config) -> anyhow::Result<Prepared> {
         std::fs::remove_file(path)
             .with_context(|| format!("remove stale socket {}", path.display()))?;
     }
+    if let Some(parent) = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create socket directory {}", parent.display()))?;
+    }
     let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     tracing::info!(socket = %path.display(), "listening");
@@ -192,11 +203,11 @@ async fn serve(
 ) -> i32 {
     let config = Arc::new(config);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let message_bytes_max = WalService::message_bytes_max(&config);
+
     let service = WalService::new(committer.clone(), index, config.clone(), shutdown_rx);
     let wal = WalServer::new(service)
-        .max_decoding_message_size(message_bytes_max)
-        .max_encoding_message_size(message_bytes_max);
+        .max_decoding_message_size(WalService::decoding_bytes_max(&config))
+        .max_encoding_message_size(WalService::encoding_bytes_max(&config));
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<WalServer<WalService>>().await;
     let policy = Arc::new(PeerPolicy::new(

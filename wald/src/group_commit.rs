@@ -255,17 +255,37 @@ impl Committer {
     fn queue_full(&self) -> WalError {
         let c = &self.inner.config;
         WalError::ResourceExhausted(format!(
-            "WAL append queue is full (queue_depth_max {}, queue_bytes_max {}) after waiting queue_wait_ms_max {}",
+            "WAL append queue is full (queue_depth_max {}, queue_bytes_max {}); waited up to the request deadline or queue_wait_ms_max {}",
             c.queue_depth_max, c.queue_bytes_max, c.queue_wait_max.as_millis()))
     }
 
-    async fn depth_permit(&self) -> Result<OwnedSemaphorePermit> {
+    /// Waits for a queue slot, at most `wait_max`.
+    async fn depth_permit(&self, wait_max: Duration) -> Result<OwnedSemaphorePermit> {
         // The uncontended path needs no timer.
         if let Ok(permit) = self.inner.depth.clone().try_acquire_owned() {
             return Ok(permit);
         }
         let acquire = self.inner.depth.clone().acquire_owned();
-        match tokio::time::timeout(self.inner.config.queue_wait_max, acquire).await {
+        match tokio::time::timeout(wait_max, acquire).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(WalError::ShuttingDown),
+            Err(_) => Err(self.queue_full()),
+        }
+    }
+
+    /// Waits for `bytes` of queue room, at most `wait_max`.
+    async fn bytes_permit(&self, bytes: usize, wait_max: Duration) -> Result<OwnedSemaphorePermit> {
+        assert!(bytes <= self.inner.config.queue_bytes_max);
+        if let Ok(permit) = self
+            .inner
+            .bytes
+            .clone()
+            .try_acquire_many_owned(bytes as u32)
+        {
+            return Ok(permit);
+        }
+        let acquire = self.inner.bytes.clone().acquire_many_owned(bytes as u32);
+        match tokio::time::timeout(wait_max, acquire).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(WalError::ShuttingDown),
             Err(_) => Err(self.queue_full()),
@@ -283,11 +303,14 @@ impl Committer {
     }
 
     /// Appends records; returns once they are durable (unless `no_sync`).
+    /// A full queue makes it wait up to `deadline` (the caller's gRPC
+    /// deadline), and never longer than `queue_wait_max`.
     pub async fn append(
         &self,
         epoch: u64,
         records: Vec<Bytes>,
         no_sync: bool,
+        deadline: Option<Duration>,
     ) -> Result<AppendAck> {
         if records.is_empty() {
             return Err(WalError::InvalidArgument(
@@ -299,17 +322,18 @@ impl Committer {
         if bytes > bytes_max {
             return Err(WalError::InvalidArgument(format!(
                 "append of {bytes} bytes (with {} bytes of framing per record) exceeds append_bytes_max {bytes_max}",
-                record::FRAME_HEADER_BYTES)));
+                record::FRAME_HEADER_BYTES
+            )));
         }
         self.check_not_failed()?;
-        let depth = self.depth_permit().await?;
-        let acquire = self.inner.bytes.clone().acquire_many_owned(bytes as u32);
-        let bytes_permit =
-            match tokio::time::timeout(self.inner.config.queue_wait_max, acquire).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Err(WalError::ShuttingDown),
-                Err(_) => return Err(self.queue_full()),
-            };
+        let wait_max = deadline.map_or(self.inner.config.queue_wait_max, |d| {
+            d.min(self.inner.config.queue_wait_max)
+        });
+        let started = Instant::now();
+        let depth = self.depth_permit(wait_max).await?;
+        let bytes_permit = self
+            .bytes_permit(bytes, wait_max.saturating_sub(started.elapsed()))
+            .await?;
         let (reply, rx) = oneshot::channel();
         let job = AppendJob {
             epoch,
@@ -325,7 +349,7 @@ impl Committer {
     /// Returns once everything appended before the call is durable.
     pub async fn sync(&self) -> Result<u64> {
         self.check_not_failed()?;
-        let permit = self.depth_permit().await?;
+        let permit = self.depth_permit(self.inner.config.queue_wait_max).await?;
         let (reply, rx) = oneshot::channel();
         self.enqueue(Job::Sync(reply, permit), rx).await
     }
@@ -333,7 +357,7 @@ impl Committer {
     /// Bumps and persists the writer epoch; returns (epoch, durable_lsn).
     pub async fn open_writer(&self, writer_id: String) -> Result<(u64, u64)> {
         self.check_not_failed()?;
-        let permit = self.depth_permit().await?;
+        let permit = self.depth_permit(self.inner.config.queue_wait_max).await?;
         let (reply, rx) = oneshot::channel();
         self.enqueue(Job::OpenWriter(writer_id, reply, permit), rx)
             .await

@@ -85,8 +85,14 @@ impl WalService {
         to_status(error, self.metrics())
     }
 
-    /// The largest gRPC message walld accepts or sends.
-    pub fn message_bytes_max(config: &Config) -> usize {
+    /// The largest gRPC message walld accepts: one Append.
+    pub fn decoding_bytes_max(config: &Config) -> usize {
+        config.append_bytes_max as usize + MESSAGE_OVERHEAD_BYTES
+    }
+
+    /// The largest gRPC message walld sends: one Read message, which may
+    /// hold a single record as large as one Append.
+    pub fn encoding_bytes_max(config: &Config) -> usize {
         config.append_bytes_max.max(config.read_message_bytes_max) as usize + MESSAGE_OVERHEAD_BYTES
     }
 }
@@ -110,11 +116,12 @@ impl pb::wal_server::Wal for WalService {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        let deadline = grpc_timeout(&request);
         let request = request.into_inner();
         let records: Vec<Bytes> = request.records.into_iter().map(Bytes::from).collect();
         let ack = self
             .committer
-            .append(request.epoch, records, request.no_sync)
+            .append(request.epoch, records, request.no_sync, deadline)
             .await
             .map_err(|e| self.err(e))?;
         Ok(Response::new(pb::AppendResponse {
@@ -198,6 +205,23 @@ impl pb::wal_server::Wal for WalService {
             .map_err(|e| Status::internal(format!("status task: {e}")))?;
         Ok(Response::new(status))
     }
+}
+
+/// The caller's deadline from the `grpc-timeout` header ("100m", "5S", ...).
+fn grpc_timeout<T>(request: &Request<T>) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 fn histogram(h: &Histogram) -> pb::Histogram {

@@ -127,3 +127,34 @@ async fn injected_enospc_on_write_fails_appends_then_heals() {
     check_acked(&read_all(&mut client, 1).await.unwrap(), 1, &acked);
     assert_eq!(walld.stop().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_applies_backpressure_then_resource_exhausted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut walld = Walld::new(tmp.path());
+    let args = ["--queue-depth-max", "2", "--queue-wait-ms-max", "50"];
+    walld.start(&args, &[("FAILPOINTS", "wal::fsync::fault=sleep(300)")]);
+    let mut client = walld.client().await;
+    let epoch = open_writer(&mut client, "q").await;
+    let mut tasks = Vec::new();
+    for i in 0..8u8 {
+        let mut client = walld.client().await;
+        tasks.push(tokio::spawn(async move {
+            append(&mut client, epoch, vec![vec![i; 10]]).await
+        }));
+    }
+    let mut ok = 0;
+    let mut exhausted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(e.message().contains("queue_depth_max 2"), "{e}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, exhausted {exhausted}");
+    assert_eq!(walld.stop().code(), Some(0));
+}

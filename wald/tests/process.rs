@@ -620,3 +620,37 @@ async fn systemd_watchdog_health_and_sync_barrier() {
     );
     assert_eq!(walld.wait_exit(Duration::from_secs(10)).code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_size_is_bounded_and_the_limit_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut walld = Walld::new(tmp.path());
+    walld.start(&["--append-bytes-max", "100000"], &[]);
+    let mut client = walld.client().await;
+    let epoch = open_writer(&mut client, "big").await;
+    let ok = append(
+        &mut client,
+        epoch,
+        vec![vec![1u8; 50_000], vec![2u8; 49_000]],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.last_lsn, 2);
+    let over = append(&mut client, epoch, vec![vec![3u8; 100_000]])
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::InvalidArgument, "{over}");
+    assert!(over.message().contains("append_bytes_max 100000"), "{over}");
+    // Far above the limit the gRPC message size bound rejects it first.
+    let huge = append(&mut client, epoch, vec![vec![4u8; 1 << 20]])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(huge.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{huge}"
+    );
+    let records = read_all(&mut client, 1).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].1.len(), 50_000);
+    assert_eq!(walld.stop().code(), Some(0));
+}
