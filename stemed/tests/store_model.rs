@@ -475,6 +475,11 @@ fn fact_assertion(entity: String, attribute: &str, value: Value) -> Assertion {
 
 /// Applies `txs` transactions of `per_tx` assertions `n = i` on `e{i}`.
 fn fill(store: &Store, txs: u64, per_tx: u64) {
+    fill_in_batches(store, txs, per_tx, 64);
+}
+
+/// [`fill`] applying `batch_txs` transactions per `apply` call.
+fn fill_in_batches(store: &Store, txs: u64, per_tx: u64, batch_txs: usize) {
     let first = store.applied_lsn() + 1;
     let records: Vec<(u64, TxRecord)> = (0..txs)
         .map(|t| {
@@ -497,7 +502,7 @@ fn fill(store: &Store, txs: u64, per_tx: u64) {
             )
         })
         .collect();
-    for chunk in records.chunks(64) {
+    for chunk in records.chunks(batch_txs) {
         store.apply(chunk).unwrap();
     }
 }
@@ -705,13 +710,17 @@ fn crash_recovery_is_atomic_and_replayable() {
 
 /// Apply throughput. Small by default so the suite stays fast; for a real
 /// measurement run
-/// `STEMEDB_BENCH_ASSERTIONS=100000 cargo test --release -p stemed --test store_model apply_throughput -- --nocapture`.
+/// `STEMEDB_BENCH_ASSERTIONS=100000 [STEMEDB_BENCH_BATCH_TXS=64] cargo test --release -p stemed --test store_model apply_throughput -- --nocapture`.
 #[test]
 fn apply_throughput() {
     let total: u64 = std::env::var("STEMEDB_BENCH_ASSERTIONS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(6_400);
+    let batch_txs: usize = std::env::var("STEMEDB_BENCH_BATCH_TXS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
     for per_tx in [1u64, 100] {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path(), 1024);
@@ -719,11 +728,11 @@ fn apply_throughput() {
         let store = Store::open(cfg).unwrap();
         let txs = (total / per_tx).max(1);
         let started = Instant::now();
-        fill(&store, txs, per_tx);
+        fill_in_batches(&store, txs, per_tx, batch_txs);
         store.flush().unwrap();
         let secs = started.elapsed().as_secs_f64();
         println!(
-            "apply: {txs} txs x {per_tx} assertions in batches of 64 txs: {secs:.2}s, {:.0} assertions/s, {:.0} txs/s, {} MiB on disk",
+            "apply: {txs} txs x {per_tx} assertions in batches of {batch_txs} txs: {secs:.2}s, {:.0} assertions/s, {:.0} txs/s, {} MiB on disk",
             (txs * per_tx) as f64 / secs,
             txs as f64 / secs,
             store.size_on_disk() >> 20
