@@ -7,14 +7,22 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::timefmt::parse_duration;
 use crate::value::ValueType;
 
-/// stemectl: talk to a StemeDB node over its public gRPC API.
+/// stemectl: operate a StemeDB node (admin HTTP) and read and write its
+/// facts (gRPC).
 #[derive(Debug, Parser)]
 #[command(name = "stemectl", version, about, propagate_version = true)]
-#[command(
-    after_help = "Exit codes: 0 ok, 2 usage, 3 server error (gRPC status), 4 connection failure."
-)]
+#[command(after_help = "Examples:
+  stemectl status
+  stemectl drain --wait && stemectl status --output json
+  stemectl rate-limit set 500
+  stemectl assert user:1 name Ada --source hr
+  stemectl assert --file facts.jsonl --batch 500
+  stemectl --addr https://db1:18181 --admin-addr https://db1:18180 --ca-file ca.pem --token \"$(cat token)\" status
+  stemectl completions bash > /etc/bash_completion.d/stemectl
+
+Exit codes: 0 ok, 1 other failure, 2 usage or bad input, 3 server error, 4 connection failure.")]
 pub struct Cli {
-    /// The node's gRPC address.
+    /// The node's gRPC address (https:// for TLS).
     #[arg(
         long,
         global = true,
@@ -22,21 +30,61 @@ pub struct Cli {
         default_value = "http://127.0.0.1:18181"
     )]
     pub addr: String,
+    /// The node's admin HTTP address (https:// for TLS).
+    #[arg(
+        long,
+        global = true,
+        env = "STEMEDB_ADMIN_ADDR",
+        default_value = "http://127.0.0.1:18180"
+    )]
+    pub admin_addr: String,
+    /// Bearer token, sent as `Authorization: Bearer` to admin HTTP and gRPC.
+    #[arg(long, global = true, env = "STEMEDB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// How to print results.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    #[arg(long, global = true, value_enum, env = "STEMEDB_OUTPUT", default_value_t = Output::Table)]
     pub output: Output,
     /// Deadline of each request.
-    #[arg(long, global = true, value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, global = true, env = "STEMEDB_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub timeout: Duration,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// TLS for both gRPC and admin HTTP. Used when an address is https://.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// PEM file of the CA that signed the server's certificate.
+    #[arg(long, global = true, env = "STEMEDB_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate for mTLS (with --client-key).
+    #[arg(
+        long,
+        global = true,
+        env = "STEMEDB_CLIENT_CERT",
+        value_name = "PATH",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "STEMEDB_CLIENT_KEY",
+        value_name = "PATH",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// Aligned, human-readable text.
-    Text,
+    /// Aligned, human-readable text (alias: text).
+    #[value(alias = "text")]
+    Table,
     /// JSON: one object, or one object per line for streams (query,
     /// history, watch).
     Json,
@@ -44,18 +92,28 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Assert a fact.
+    /// Assert a fact, or many from a file of JSON lines.
     #[command(after_help = "Examples:
   stemectl assert user:1 name Ada --source hr --confidence 0.9
   stemectl assert user:1 age 36 --type int
   stemectl assert user:1 manager user:7 --type ref
   stemectl assert user:1 hired 2024-05-01T09:00:00Z --type timestamp
-  stemectl assert blob:1 digest 00ff10 --type bytes-hex --output json")]
+  stemectl assert blob:1 digest 00ff10 --type bytes-hex --output json
+  stemectl assert --file facts.jsonl --batch 500
+  gen-facts | stemectl assert --file -
+
+A --file has one JSON object per line:
+  {\"entity\": \"user:1\", \"attribute\": \"age\", \"value\": 36, \"type\": \"int\", \"source\": \"hr\", \"confidence\": 0.9, \"op\": \"assert\"}
+entity, attribute and value are required; type defaults from the JSON value (string: text, integer: int,
+number: double, bool: bool); source defaults to --source; op defaults to the command (assert or retract).
+Lines are sent in transactions of --batch lines, each with an idempotency key derived from its byte offset
+and content, so rerunning the same file does not apply anything twice.")]
     Assert(WriteArgs),
     /// Retract a fact (withdraw an earlier assertion by the same source).
     #[command(after_help = "Examples:
   stemectl retract user:1 name Ada --source hr
-  stemectl retract user:1 age 36 --type int --idempotency-key fix-42")]
+  stemectl retract user:1 age 36 --type int --idempotency-key fix-42
+  stemectl retract --file mistakes.jsonl     # same line format as assert; op defaults to retract")]
     Retract(WriteArgs),
     /// Show every live claim about an entity.
     #[command(after_help = "Examples:
@@ -122,6 +180,58 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+    /// Stop accepting writes (reads are still served); survives restarts.
+    #[command(
+        after_help = "New writes get UNAVAILABLE \"node is draining\"; writes in flight complete, and \
+/readyz and gRPC health report not serving so load balancers route away.
+
+Examples:
+  stemectl drain
+  stemectl drain --wait --wait-timeout 2m    # until no write is in flight
+  stemectl --admin-addr http://db1:18180 drain --output json"
+    )]
+    Drain {
+        /// Poll the node until no write is in flight, printing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (exit 1).
+        #[arg(long, value_parser = parse_duration, default_value = "60s", requires = "wait")]
+        wait_timeout: Duration,
+    },
+    /// Resume accepting writes after a drain.
+    #[command(after_help = "Examples:
+  stemectl undrain
+  stemectl undrain --output json")]
+    Undrain,
+    /// Show, set or clear the node's global write rate limit.
+    #[command(subcommand)]
+    #[command(after_help = "Examples:
+  stemectl rate-limit show
+  stemectl rate-limit set 500     # assertions per second, applies at once, persists
+  stemectl rate-limit clear")]
+    RateLimit(RateLimitCommand),
+    /// Show the node's state: serving or draining, LSNs, writes in flight,
+    /// rate limit, walld, uptime, version.
+    #[command(after_help = "Examples:
+  stemectl status
+  stemectl status --output json | jq .durable_lsn
+  STEMEDB_ADMIN_ADDR=http://db1:18180 stemectl status")]
+    Status,
+    /// Inspect the write-ahead log daemon (walld) behind the node.
+    #[command(subcommand)]
+    #[command(after_help = "Examples:
+  stemectl wal status
+  stemectl wal status --output json")]
+    Wal(WalCommand),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  stemectl completions bash > /etc/bash_completion.d/stemectl
+  stemectl completions zsh > \"${fpath[1]}/_stemectl\"
+  stemectl completions fish > ~/.config/fish/completions/stemectl.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Measure throughput and latency over real gRPC.
     #[command(
         after_help = "Closed loop (--concurrency) keeps N requests in flight. Open loop (--rate) sends on a fixed \
@@ -136,14 +246,54 @@ Examples:
     Bench(BenchArgs),
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RateLimitCommand {
+    /// Print the current limit.
+    #[command(after_help = "Examples:
+  stemectl rate-limit show
+  stemectl rate-limit show --output json")]
+    Show,
+    /// Limit writes to N assertions per second (applies at once, persists).
+    #[command(after_help = "Examples:
+  stemectl rate-limit set 500")]
+    Set {
+        /// Assertions per second, at least 1 (use `clear` for no limit).
+        #[arg(value_parser = clap::value_parser!(u32).range(1..))]
+        max_writes_per_sec: u32,
+    },
+    /// Remove the limit.
+    #[command(after_help = "Examples:
+  stemectl rate-limit clear")]
+    Clear,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// walld's state, segments, free space, and the node's durable and
+    /// applied LSNs.
+    #[command(after_help = "Examples:
+  stemectl wal status
+  stemectl wal status --output json")]
+    Status,
+}
+
 #[derive(Debug, Args)]
 pub struct WriteArgs {
-    /// The entity.
-    pub entity: String,
+    /// The entity (omit with --file).
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    pub entity: Option<String>,
     /// The attribute.
-    pub attribute: String,
+    #[arg(required_unless_present = "file")]
+    pub attribute: Option<String>,
     /// The value, read as --type.
-    pub value: String,
+    #[arg(required_unless_present = "file")]
+    pub value: Option<String>,
+    /// Read facts from a file of JSON lines (`-`: stdin) instead.
+    #[arg(long, value_name = "PATH", conflicts_with = "idempotency_key")]
+    pub file: Option<std::path::PathBuf>,
+    /// Lines per transaction with --file.
+    #[arg(long, default_value_t = 1000, requires = "file", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
     /// How to read VALUE.
     #[arg(long = "type", value_enum, default_value_t = ValueType::Text)]
     pub value_type: ValueType,

@@ -1,26 +1,18 @@
-//! The data subcommands: thin adapters from parsed flags to SDK calls and
-//! output.
+//! The subcommands: thin adapters from parsed flags to SDK calls (data),
+//! admin HTTP calls (`node`) and output.
 
 use std::io::Write;
 
 use anyhow::Context;
+use clap::CommandFactory;
 use futures::StreamExt;
-use stemedb_client::{Assertion, Client, ClientOptions, HistoryQuery, Query};
+use stemedb_client::{Assertion, ClientOptions, HistoryQuery, Op, Query};
 
-use crate::cli::{Cli, Command, Output, WriteArgs};
+use crate::cli::{Cli, Command, Output, WalCommand, WriteArgs};
+use crate::connect::grpc as connect;
 use crate::exit::UsageError;
-use crate::output;
 use crate::value::{parse_value, ValueType};
-
-/// Connects to `--addr` with `--timeout` as the per-request deadline.
-pub async fn connect(cli: &Cli, options: ClientOptions) -> anyhow::Result<Client> {
-    let options = ClientOptions {
-        timeout: cli.timeout,
-        ..options
-    };
-    // The SDK's error already names the address.
-    Ok(Client::connect_with(cli.addr.clone(), options).await?)
-}
+use crate::{load, node, output};
 
 fn typed_value(raw: &str, ty: ValueType) -> anyhow::Result<stemedb_client::Value> {
     parse_value(raw, ty).map_err(|e| UsageError(e).into())
@@ -102,6 +94,17 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Drain { wait, wait_timeout } => {
+            node::drain(cli, *wait, *wait_timeout, &mut out).await
+        }
+        Command::Undrain => node::undrain(cli, &mut out).await,
+        Command::RateLimit(c) => node::rate_limit(cli, c, &mut out).await,
+        Command::Status => node::status(cli, &mut out).await,
+        Command::Wal(WalCommand::Status) => node::wal_status(cli, &mut out).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "stemectl", &mut out);
+            Ok(())
+        }
         Command::Bench(_) => unreachable!("bench is dispatched by main"),
     }
 }
@@ -117,11 +120,23 @@ async fn write(
             return Err(UsageError(format!("--confidence {c} is outside [0, 1]")).into());
         }
     }
-    let value = typed_value(&w.value, w.value_type)?;
+    if let Some(path) = &w.file {
+        let client = connect(cli, ClientOptions::default()).await?;
+        let defaults = load::Defaults {
+            op: if retract { Op::Retract } else { Op::Assert },
+            source: w.source.clone(),
+        };
+        return load::run(&client, path, w.batch as usize, &defaults, cli.output, out).await;
+    }
+    // clap requires all three positionals unless --file is given.
+    let (Some(entity), Some(attribute), Some(raw)) = (&w.entity, &w.attribute, &w.value) else {
+        return Err(UsageError("ENTITY ATTRIBUTE VALUE or --file is required".into()).into());
+    };
+    let value = typed_value(raw, w.value_type)?;
     let mut a = if retract {
-        Assertion::retract(w.entity.as_str(), w.attribute.as_str(), value)
+        Assertion::retract(entity.as_str(), attribute.as_str(), value)
     } else {
-        Assertion::assert(w.entity.as_str(), w.attribute.as_str(), value)
+        Assertion::assert(entity.as_str(), attribute.as_str(), value)
     }
     .source(w.source.as_str());
     a.confidence = w.confidence;
@@ -146,7 +161,7 @@ async fn print_facts(
         output::streamed_fact(out, format, &fact?)?;
         printed += 1;
     }
-    if format == Output::Text && printed == 0 {
+    if format == Output::Table && printed == 0 {
         writeln!(out, "(no facts)")?;
     }
     Ok(())

@@ -15,6 +15,31 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+/// The node could not be reached (exit 4). The message says what to check.
+#[derive(Debug)]
+pub struct ConnectionError(pub String);
+
+impl std::fmt::Display for ConnectionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectionError {}
+
+/// The node answered with an error (exit 3), for example an admin HTTP
+/// status other than 2xx.
+#[derive(Debug)]
+pub struct ServerError(pub String);
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
 /// Success.
 pub const OK: i32 = 0;
 /// Any failure not listed below (for example a broken stdout).
@@ -33,6 +58,12 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if cause.downcast_ref::<UsageError>().is_some() {
             return USAGE;
         }
+        if cause.downcast_ref::<ConnectionError>().is_some() {
+            return CONNECTION;
+        }
+        if cause.downcast_ref::<ServerError>().is_some() {
+            return SERVER;
+        }
         if let Some(e) = cause.downcast_ref::<Error>() {
             return match e {
                 Error::Transport(_) => CONNECTION,
@@ -41,6 +72,33 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         }
     }
     FAILURE
+}
+
+/// What to do next about `err`, when the error itself does not say.
+pub fn hint(err: &anyhow::Error, cli: &crate::cli::Cli) -> Option<String> {
+    let e = err.chain().find_map(|c| c.downcast_ref::<Error>())?;
+    match e {
+        Error::Transport(_) => Some(format!(
+            "is stemed running and serving gRPC at {}? set --addr or STEMEDB_ADDR",
+            cli.addr
+        )),
+        Error::Status { code, message } => match code {
+            tonic::Code::Unavailable if message.contains("draining") => Some(
+                "the node refuses writes while drained: run `stemectl undrain` when it may serve again, or write to another node".into(),
+            ),
+            tonic::Code::ResourceExhausted => Some(
+                "the node's write rate limit is reached: retry later, or see `stemectl rate-limit show`".into(),
+            ),
+            tonic::Code::Unauthenticated => {
+                Some("pass a token with --token or STEMEDB_TOKEN".into())
+            }
+            tonic::Code::PermissionDenied => {
+                Some("this token's role may not make this call; use a token with the needed role".into())
+            }
+            _ => None,
+        },
+        Error::InvalidResponse(_) => None,
+    }
 }
 
 #[cfg(test)]

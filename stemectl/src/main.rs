@@ -1,10 +1,14 @@
 //! stemectl: the StemeDB command-line client. `main` only parses, picks the
 //! runtime and turns the outcome into an exit code.
 
+mod admin;
 mod bench;
 mod cli;
 mod commands;
+mod connect;
 mod exit;
+mod load;
+mod node;
 mod output;
 mod timefmt;
 mod value;
@@ -38,6 +42,9 @@ fn main() {
         Err(e) if is_broken_pipe(&e) => exit::OK,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = exit::hint(&e, &cli) {
+                eprintln!("hint: {hint}");
+            }
             exit::code_for(&e)
         }
     };

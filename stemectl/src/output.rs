@@ -54,7 +54,7 @@ pub fn receipt(out: &mut impl Write, format: Output, r: &TxReceipt) -> std::io::
             "{}",
             json!({"tx": r.tx, "recorded_at": format_rfc3339(r.recorded_at), "deduplicated": r.deduplicated})
         ),
-        Output::Text => writeln!(
+        Output::Table => writeln!(
             out,
             "tx {} recorded at {}{}",
             r.tx,
@@ -79,7 +79,7 @@ pub fn entity_view(out: &mut impl Write, format: Output, v: &EntityView) -> std:
                 json!({"entity": v.entity, "basis_tx": v.basis_tx, "facts": facts})
             )
         }
-        Output::Text => {
+        Output::Table => {
             writeln!(
                 out,
                 "{} as of tx {}: {} fact(s)",
@@ -99,7 +99,7 @@ pub fn entity_view(out: &mut impl Write, format: Output, v: &EntityView) -> std:
 pub fn streamed_fact(out: &mut impl Write, format: Output, f: &Fact) -> std::io::Result<()> {
     match format {
         Output::Json => writeln!(out, "{}", fact_json(f)),
-        Output::Text => writeln!(out, "{}", fact_line(f, true)),
+        Output::Table => writeln!(out, "{}", fact_line(f, true)),
     }
 }
 
@@ -114,7 +114,7 @@ pub fn tx_event(out: &mut impl Write, format: Output, e: &TxEvent) -> std::io::R
                 json!({"tx": e.tx, "recorded_at": format_rfc3339(e.recorded_at), "facts": facts})
             )
         }
-        Output::Text => {
+        Output::Table => {
             writeln!(
                 out,
                 "tx {} recorded at {}: {} fact(s)",

@@ -106,7 +106,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     };
     let mut clients = Vec::with_capacity(plan.connections as usize);
     for _ in 0..plan.connections {
-        let client = Client::connect_with(cli.addr.clone(), options.clone()).await?;
+        let client = crate::connect::grpc(cli, options.clone()).await?;
         clients.push(client);
     }
     eprintln!(
@@ -168,7 +168,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> anyhow::Result<()> {
     let report = report::Report::new(&plan, rate_span.as_secs_f64(), &recorded);
     match cli.output {
         Output::Json => println!("{}", serde_json::to_string(&report)?),
-        Output::Text => print!("{}", report.to_text()),
+        Output::Table => print!("{}", report.to_text()),
     }
     let succeeded = recorded.write_us.len() + recorded.read_us.len();
     match recorded.first_error {
