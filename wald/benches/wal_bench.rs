@@ -83,6 +83,8 @@ struct Cell {
     records: u64,
     bytes: u64,
     fsyncs: u64,
+    /// Seconds walld spent inside fdatasync during the cell.
+    fsync_secs: f64,
     secs: f64,
     p50_us: u64,
     p99_us: u64,
@@ -97,7 +99,7 @@ async fn run_cell(
     duration: Duration,
 ) -> Cell {
     let mut status_client = clients[0].clone();
-    let fsyncs_before = status(&mut status_client).await.fsync_count;
+    let before = status(&mut status_client).await;
     let stop = Arc::new(AtomicBool::new(false));
     let appends = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Histogram::<u64>::new(3).unwrap()));
@@ -128,7 +130,9 @@ async fn run_cell(
         t.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
-    let fsyncs = status(&mut status_client).await.fsync_count - fsyncs_before;
+    let after = status(&mut status_client).await;
+    let fsyncs = after.fsync_count - before.fsync_count;
+    let fsync_secs = after.fsync_duration_sum_seconds - before.fsync_duration_sum_seconds;
     let appends = appends.load(Ordering::Relaxed);
     let h = latencies.lock().unwrap();
     Cell {
@@ -136,10 +140,36 @@ async fn run_cell(
         records: appends * per_append as u64,
         bytes: appends * (per_append * record_bytes) as u64,
         fsyncs,
+        fsync_secs,
         secs,
         p50_us: h.value_at_quantile(0.5),
         p99_us: h.value_at_quantile(0.99),
     }
+}
+
+/// Rounds of the interleaved c=1 versus raw comparison.
+const PAIRED_ROUNDS: usize = 10;
+
+/// Alternates short slices of raw fdatasync and of c=1 one-record Appends,
+/// so that both see the same (shared, noisy) disk. Returns (raw/s, appends/s).
+async fn paired_c1(
+    clients: &[Client],
+    epoch: u64,
+    dir: &std::path::Path,
+    slice: Duration,
+) -> (f64, f64) {
+    let (mut raw_ops, mut raw_secs, mut wal_ops, mut wal_secs) = (0.0, 0.0, 0u64, 0.0);
+    for _ in 0..PAIRED_ROUNDS {
+        let started = Instant::now();
+        let rate = raw_fdatasync_rate(dir, slice, false);
+        let took = started.elapsed().as_secs_f64();
+        raw_ops += rate * slice.as_secs_f64();
+        raw_secs += slice.as_secs_f64().min(took);
+        let c = run_cell(clients, epoch, 1, 128, 1, slice).await;
+        wal_ops += c.appends;
+        wal_secs += c.secs;
+    }
+    (raw_ops / raw_secs, wal_ops as f64 / wal_secs)
 }
 
 fn main() {
@@ -178,8 +208,14 @@ fn main() {
         println!("raw fdatasync rate at start, 8 KiB overwrite + fdatasync: {raw:.0}/s (\"raw\" below is re-measured before each cell)");
         println!("raw fdatasync rate, 8 KiB file-extending append + fdatasync: {raw_extend:.0}/s");
         println!();
-        println!("| record B | rec/append | conc | appends/s | records/s | MB/s | fsyncs/s | raw fdatasync/s | fsync/raw | appends/s ÷ raw | p50 ms | p99 ms |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let (raw_paired, wal_paired) = paired_c1(&clients, epoch, &raw_dir, duration / 5).await;
+        println!(
+            "interleaved c=1, 128 B, 1 record/Append vs raw ({PAIRED_ROUNDS} rounds): raw {raw_paired:.0}/s, walld {wal_paired:.0}/s, ratio {:.2}",
+            wal_paired / raw_paired
+        );
+        println!();
+        println!("| record B | rec/append | conc | appends/s | records/s | MB/s | fsyncs/s | raw fdatasync/s | fsync/raw | appends/s ÷ raw | p50 ms | p99 ms | mean fsync ms | mean append ms |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for record_bytes in RECORD_BYTES {
             for per_append in RECORDS_PER_APPEND {
                 for concurrency in CONCURRENCIES {
@@ -188,7 +224,7 @@ fn main() {
                     let c = run_cell(&clients, epoch, concurrency, record_bytes, per_append, duration).await;
                     let fsyncs = c.fsyncs as f64 / c.secs;
                     println!(
-                        "| {record_bytes} | {per_append} | {concurrency} | {:.0} | {:.0} | {:.1} | {:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                        "| {record_bytes} | {per_append} | {concurrency} | {:.0} | {:.0} | {:.1} | {:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
                         c.appends as f64 / c.secs,
                         c.records as f64 / c.secs,
                         c.bytes as f64 / c.secs / 1e6,
@@ -197,6 +233,8 @@ fn main() {
                         c.appends as f64 / c.secs / raw,
                         c.p50_us as f64 / 1e3,
                         c.p99_us as f64 / 1e3,
+                        c.fsync_secs * 1e3 / c.fsyncs.max(1) as f64,
+                        c.secs * concurrency as f64 * 1e3 / c.appends.max(1) as f64,
                     );
                     let _ = std::io::stdout().flush();
                 }
