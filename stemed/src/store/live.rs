@@ -13,8 +13,24 @@ use super::error::StoreError;
 use super::keys::{payload_op, version_of, VERSION_SUFFIX_BYTES};
 use super::model::Op;
 
+/// What [`LiveClaims::next_live`] found.
+pub(crate) enum Next {
+    /// A live claim: its latest version (key, payload) as of the basis.
+    Live(IVec, IVec),
+    /// The scan budget ran out at the end of this claim (its claim prefix);
+    /// resume strictly after it.
+    Budget(Vec<u8>),
+    End,
+}
+
 pub(crate) struct LiveClaims<I> {
     inner: I,
+    /// Versions read so far.
+    scanned: usize,
+    /// `next_live` stops at the first claim boundary after this many versions.
+    scan_budget: usize,
+    /// A key of the last claim fully processed, where a budget stop resumes.
+    last_group: Option<IVec>,
     /// The first version of the next claim, read while finding the end of
     /// the previous one.
     pending: Option<(IVec, IVec)>,
@@ -22,9 +38,12 @@ pub(crate) struct LiveClaims<I> {
 }
 
 impl<I: Iterator<Item = sled::Result<(IVec, IVec)>>> LiveClaims<I> {
-    pub(crate) fn new(inner: I, basis_tx: u64) -> Self {
+    pub(crate) fn new(inner: I, basis_tx: u64, scan_budget: usize) -> Self {
         LiveClaims {
             inner,
+            scanned: 0,
+            scan_budget,
+            last_group: None,
             pending: None,
             basis_tx,
         }
@@ -33,19 +52,28 @@ impl<I: Iterator<Item = sled::Result<(IVec, IVec)>>> LiveClaims<I> {
     fn pull(&mut self) -> Result<Option<(IVec, IVec)>, StoreError> {
         match self.inner.next() {
             None => Ok(None),
-            Some(r) => Ok(Some(r?)),
+            Some(r) => {
+                self.scanned += 1;
+                Ok(Some(r?))
+            }
         }
     }
 
     /// The next live claim: its latest version (key, payload) with
-    /// `tx <= basis_tx`, when that version is an Assert.
-    pub(crate) fn next_live(&mut self) -> Result<Option<(IVec, IVec)>, StoreError> {
+    /// `tx <= basis_tx`, when that version is an Assert. Claims are never
+    /// split: the budget is checked only where a claim ends.
+    pub(crate) fn next_live(&mut self) -> Result<Next, StoreError> {
         loop {
+            if self.scanned >= self.scan_budget {
+                if let Some(done) = self.last_group.take() {
+                    return Ok(Next::Budget(claim_prefix(&done)?.to_vec()));
+                }
+            }
             let first = match self.pending.take() {
                 Some(kv) => kv,
                 None => match self.pull()? {
                     Some(kv) => kv,
-                    None => return Ok(None),
+                    None => return Ok(Next::End),
                 },
             };
             let group = first.0.clone();
@@ -61,9 +89,10 @@ impl<I: Iterator<Item = sled::Result<(IVec, IVec)>>> LiveClaims<I> {
                 }
                 self.consider(&mut best, kv)?;
             }
+            self.last_group = Some(group);
             if let Some((k, v)) = best {
                 if payload_op(&v)? == Op::Assert {
-                    return Ok(Some((k, v)));
+                    return Ok(Next::Live(k, v));
                 }
             }
         }

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use sled::{Batch, IVec};
 use super::codec::{decode_tx, encode_tx};
 use super::error::{corrupt, StoreError};
 use super::keys::{self, ClaimKey};
-use super::live::{claim_prefix, LiveClaims};
+use super::live::{claim_prefix, LiveClaims, Next};
 use super::model::{ApplyOutcome, Fact, HistoryParams, Page, QueryParams, TxEntry, TxRecord};
 use super::page::{self, Cursor, TokenKind, TOKEN_SECRET_BYTES};
 
@@ -43,6 +43,9 @@ const META_FORMAT_VERSION: &str = "format_version";
 const META_APPLIED_LSN: &str = "applied_lsn";
 const META_TOKEN_SECRET: &str = "token_secret";
 const META_FACT_COUNT: &str = "fact_count";
+/// Claim versions one `query` page reads at most (checked at claim
+/// boundaries) before it returns a short page with a next token.
+pub const QUERY_SCAN_VERSIONS_MAX: usize = 64 * 1024;
 /// Upper bound on idempotency keys removed by one `purge_idempotency` call.
 pub const PURGE_KEYS_MAX: usize = 4096;
 
@@ -78,6 +81,9 @@ struct Inner {
     token_secret: [u8; TOKEN_SECRET_BYTES],
     entity_cache: Option<moka::sync::Cache<String, Arc<CachedEntity>>>,
     idempotency_retention: Duration,
+    /// Versions one query page may scan; [`QUERY_SCAN_VERSIONS_MAX`] unless a
+    /// test lowers it.
+    scan_budget: AtomicUsize,
     /// Held for writing by `apply` and `purge_idempotency` (one writer at a
     /// time) and for reading by a cache fill, so a fill never races the
     /// commit, invalidate, publish sequence of an `apply`.
@@ -106,11 +112,21 @@ impl Store {
             token_secret,
             entity_cache,
             idempotency_retention: cfg.idempotency_retention,
+            scan_budget: AtomicUsize::new(QUERY_SCAN_VERSIONS_MAX),
             write_gate: RwLock::new(()),
         };
         Ok(Store {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Lowers the per-page scan budget of `query` so tests exercise short
+    /// pages. Not for production use.
+    #[doc(hidden)]
+    pub fn set_query_scan_budget_for_tests(&self, versions: usize) {
+        self.inner
+            .scan_budget
+            .store(versions.max(1), Ordering::Relaxed);
     }
 
     /// The LSN of the last WAL record reflected in the store; 0 for a new store.
@@ -282,16 +298,22 @@ impl Store {
 
     fn scan_entity(&self, entity: &str, basis: u64) -> Result<Vec<Fact>, StoreError> {
         let prefix = keys::eavt_entity_prefix(entity);
-        let mut live = LiveClaims::new(self.inner.tree.scan_prefix(&prefix), basis);
+        let mut live = LiveClaims::new(self.inner.tree.scan_prefix(&prefix), basis, usize::MAX);
         let mut facts = Vec::new();
-        while let Some((k, v)) = live.next_live()? {
-            facts.push(claim_fact(keys::decode_eavt(&k)?, &v)?);
+        loop {
+            match live.next_live()? {
+                Next::Live(k, v) => facts.push(claim_fact(keys::decode_eavt(&k)?, &v)?),
+                Next::End => return Ok(facts),
+                Next::Budget(_) => unreachable!("get scans without a budget"),
+            }
         }
-        Ok(facts)
     }
 
     /// Live claims with `q.attribute` (optionally one value and/or source) as
-    /// of `q.as_of_tx`, ordered by (value, entity, source), one page.
+    /// of `q.as_of_tx`, ordered by (value, entity, source), one page of at
+    /// most `q.limit` facts. A page may be shorter than the limit (even
+    /// empty) and still carry a next token when it scanned
+    /// [`QUERY_SCAN_VERSIONS_MAX`] versions; only a missing token means the end.
     pub fn query(&self, q: &QueryParams, page_token: Option<&str>) -> Result<Page, StoreError> {
         let limit = q.limit.max(1);
         let params = page::query_params_hash(q);
@@ -311,11 +333,36 @@ impl Store {
             }
         };
         let end = keys::prefix_end(&prefix).map_or(Bound::Unbounded, Bound::Excluded);
-        let mut live = LiveClaims::new(self.inner.tree.range::<Vec<u8>, _>((start, end)), basis);
+        let budget = self.inner.scan_budget.load(Ordering::Relaxed);
+        let mut live = LiveClaims::new(
+            self.inner.tree.range::<Vec<u8>, _>((start, end)),
+            basis,
+            budget,
+        );
         let mut facts = Vec::with_capacity(limit.min(1024));
         let mut last_claim: Vec<u8> = Vec::new();
         let mut next_page_token = None;
-        while let Some((k, v)) = live.next_live()? {
+        loop {
+            let (k, v) = match live.next_live()? {
+                Next::Live(k, v) => (k, v),
+                Next::End => break,
+                Next::Budget(claim) => {
+                    // Scanned a lot without filling the page (a selective
+                    // source filter, or many dead versions): return what we
+                    // have and let the client continue after this claim.
+                    let cursor = Cursor {
+                        basis_tx: basis,
+                        resume_key: claim,
+                    };
+                    next_page_token = Some(page::seal(
+                        &self.inner.token_secret,
+                        TokenKind::Query,
+                        &params,
+                        &cursor,
+                    ));
+                    break;
+                }
+            };
             let ck = keys::decode_avet(&k)?;
             if q.source.as_ref().is_some_and(|s| *s != ck.source) {
                 continue;
