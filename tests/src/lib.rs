@@ -67,6 +67,9 @@ pub struct NodeOptions {
     pub stemed_env: Vec<(String, String)>,
     /// Extra flags for stemed.
     pub stemed_args: Vec<String>,
+    /// With TLS on admin HTTP: curl arguments (e.g. `--cacert`) used to
+    /// probe `https://localhost:PORT/readyz` instead of plain HTTP.
+    pub ready_curl: Option<Vec<String>>,
 }
 
 impl Default for NodeOptions {
@@ -76,6 +79,7 @@ impl Default for NodeOptions {
             walld_args: vec!["--segment-bytes".into(), "262144".into()],
             stemed_env: Vec::new(),
             stemed_args: Vec::new(),
+            ready_curl: None,
         }
     }
 }
@@ -183,12 +187,36 @@ impl Node {
             if let Some(status) = self.walld.as_mut().unwrap().try_wait().unwrap() {
                 panic!("walld exited with {status} before serving\n{}", self.logs());
             }
-            assert!(Instant::now() < deadline, "walld not ready\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "walld not ready\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     pub async fn start_stemed(&mut self) {
+        self.spawn_stemed();
+        self.wait_ready().await;
+    }
+
+    /// Starts stemed and waits for `/healthz` only: for a node that is
+    /// expected not to be ready (draining, say).
+    pub async fn start_stemed_live(&mut self) {
+        self.spawn_stemed();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !matches!(http_get(self.admin_port, "/healthz"), Ok((200, _))) {
+            assert!(
+                Instant::now() < deadline,
+                "stemed not live\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn spawn_stemed(&mut self) {
         assert!(self.stemed.is_none(), "stemed already running");
         let mut cmd = Command::new(bin("stemed"));
         cmd.arg("--data-dir")
@@ -205,7 +233,6 @@ impl Node {
             .stdout(self.log("stemed"))
             .stderr(self.log("stemed"));
         self.stemed = Some(cmd.spawn().expect("spawn stemed"));
-        self.wait_ready().await;
     }
 
     /// Waits until `/readyz` answers 200.
@@ -217,11 +244,43 @@ impl Node {
                     panic!("stemed exited with {status} before ready\n{}", self.logs());
                 }
             }
-            if let Ok((200, _)) = http_get(self.admin_port, "/readyz") {
+            if self.probe_ready() {
                 return;
             }
-            assert!(Instant::now() < deadline, "stemed not ready\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "stemed not ready: {}\n{}",
+                self.probe_detail(),
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// What the readiness probe sees, for failure messages.
+    fn probe_detail(&self) -> String {
+        match &self.options.ready_curl {
+            None => format!("{:?}", http_get(self.admin_port, "/readyz")),
+            Some(args) => Command::new("curl")
+                .arg("-sSv")
+                .args(args)
+                .arg(format!("https://localhost:{}/readyz", self.admin_port))
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).to_string())
+                .unwrap_or_else(|e| e.to_string()),
+        }
+    }
+
+    fn probe_ready(&self) -> bool {
+        match &self.options.ready_curl {
+            None => matches!(http_get(self.admin_port, "/readyz"), Ok((200, _))),
+            Some(args) => Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .args(args)
+                .arg(format!("https://localhost:{}/readyz", self.admin_port))
+                .output()
+                .map(|o| o.stdout == b"200")
+                .unwrap_or(false),
         }
     }
 
