@@ -172,6 +172,22 @@ async fn paired_c1(
     (raw_ops / raw_secs, wal_ops as f64 / wal_secs)
 }
 
+/// Mean and p50 (µs) of a Sync round trip when nothing needs syncing: the
+/// cost of gRPC plus the hand-off to the writer thread and back, no fsync.
+async fn overhead_without_fsync(client: &mut Client, duration: Duration) -> (f64, u64) {
+    let mut h = Histogram::<u64>::new(3).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let sent = Instant::now();
+        client
+            .sync(stemedb_proto::wal::v1::SyncRequest {})
+            .await
+            .unwrap();
+        h.record(sent.elapsed().as_micros() as u64).unwrap();
+    }
+    (h.mean(), h.value_at_quantile(0.5))
+}
+
 fn main() {
     let duration = cell_duration();
     let base = std::env::var("STEMEDB_BENCH_DIR")
@@ -208,6 +224,8 @@ fn main() {
         println!("raw fdatasync rate at start, 8 KiB overwrite + fdatasync: {raw:.0}/s (\"raw\" below is re-measured before each cell)");
         println!("raw fdatasync rate, 8 KiB file-extending append + fdatasync: {raw_extend:.0}/s");
         println!();
+        let (mean_us, p50_us) = overhead_without_fsync(&mut clients[0].clone(), duration / 3).await;
+        println!("Sync round trip with nothing to sync (gRPC + writer hand-off, no fsync): mean {mean_us:.0} µs, p50 {p50_us} µs");
         let (raw_paired, wal_paired) = paired_c1(&clients, epoch, &raw_dir, duration / 5).await;
         println!(
             "interleaved c=1, 128 B, 1 record/Append vs raw ({PAIRED_ROUNDS} rounds): raw {raw_paired:.0}/s, walld {wal_paired:.0}/s, ratio {:.2}",
