@@ -57,10 +57,34 @@ struct Rig {
     grpc_port: u16,
     admin_port: u16,
     walld_args: Vec<String>,
+    options: RigOptions,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RigOptions {
+    /// sled's data directory on faultfs too (it then also loses what it
+    /// did not flush: the realistic case), or on the normal disk.
+    sled_on_faultfs: bool,
+    /// stemed's checkpoint interval; frequent checkpoints make walld
+    /// truncate while the power fails. 0 disables checkpoints.
+    checkpoint_ms: u64,
+}
+
+impl Default for RigOptions {
+    fn default() -> Self {
+        RigOptions {
+            sled_on_faultfs: true,
+            checkpoint_ms: 300,
+        }
+    }
 }
 
 impl Rig {
     fn new() -> Rig {
+        Self::with(RigOptions::default())
+    }
+
+    fn with(options: RigOptions) -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let mount = faultfs::Mount::new(&dir.path().join("backing"), &dir.path().join("mnt"));
         Rig {
@@ -71,6 +95,7 @@ impl Rig {
             grpc_port: stemedb_tests::free_port(),
             admin_port: stemedb_tests::free_port(),
             walld_args: vec!["--segment-bytes".into(), SEGMENT_BYTES.into()],
+            options,
         }
     }
 
@@ -79,7 +104,11 @@ impl Rig {
     }
 
     fn data_dir(&self) -> PathBuf {
-        self.mount.mountpoint().join("data")
+        if self.options.sled_on_faultfs {
+            self.mount.mountpoint().join("data")
+        } else {
+            self.dir.path().join("data")
+        }
     }
 
     fn socket(&self) -> PathBuf {
@@ -149,7 +178,11 @@ impl Rig {
             if let Some(status) = self.walld.as_mut().unwrap().try_wait().unwrap() {
                 panic!("walld exited with {status} before serving\n{}", self.logs());
             }
-            assert!(Instant::now() < deadline, "walld not ready\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "walld not ready\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -167,13 +200,22 @@ impl Rig {
             .arg(self.socket())
             // Frequent checkpoints: sled flushes and walld truncates while
             // the power fails, the hardest case for recovery.
-            .arg("--checkpoint-interval-ms")
-            .arg("300")
+            .env(
+                "STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS",
+                self.options.checkpoint_ms.to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(self.log("stemed"))
             .stderr(self.log("stemed"));
         self.stemed = Some(cmd.spawn().expect("spawn stemed"));
         self.wait_ready().await;
+        if self.options.sled_on_faultfs
+            && std::env::var_os("STEMEDB_POWER_LOSS_FSYNC_DIRS").is_some()
+        {
+            // Stands in for the missing fix of bug 1 in docs/reliability.md
+            // (stemed never fsyncs its data directories), to look past it.
+            fsync_dir_tree(self.mount.mountpoint()).expect("fsync the mount's directories");
+        }
     }
 
     async fn wait_ready(&mut self) {
@@ -185,7 +227,29 @@ impl Rig {
             if let Ok((200, _)) = stemedb_tests::http_get(self.admin_port, "/readyz") {
                 return;
             }
-            assert!(Instant::now() < deadline, "stemed not ready\n{}", self.logs());
+            // Known failure (docs/reliability.md, "bugs found"): stemed's
+            // sled state went back further than walld's truncation. It
+            // retries forever; fail at once with the cause.
+            let log = self.log_text("stemed");
+            let tail = log.rsplit("===== test:").next().unwrap_or("");
+            if let Some(line) = tail
+                .lines()
+                .find(|l| l.contains("is below the first available LSN"))
+            {
+                panic!(
+                    "stemed cannot recover: its store restarted from an LSN that walld already \
+                     truncated, so acknowledged transactions are lost:\n{line}\n\
+                     sled on faultfs: {}; durable data dir entries: {:?}\n{}",
+                    self.options.sled_on_faultfs,
+                    durable_listing(&self.dir.path().join("backing")),
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stemed not ready\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -221,6 +285,31 @@ impl Drop for Rig {
         kill9(self.stemed.take());
         kill9(self.walld.take());
     }
+}
+
+/// What survived in the backing directory (the durable state), top level.
+fn durable_listing(backing: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(backing)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != faultfs::STAGING_NAME)
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// fsyncs every directory of a tree (children first), making every entry
+/// in it durable.
+fn fsync_dir_tree(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        if e.file_type()?.is_dir() {
+            fsync_dir_tree(&e.path())?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn kill9(child: Option<Child>) {
@@ -261,6 +350,13 @@ fn key(w: usize, i: usize) -> String {
 /// Acknowledged transactions: (writer, i) -> tx.
 type Acks = Arc<Mutex<BTreeMap<(usize, usize), u64>>>;
 
+/// Failed writes by gRPC code name (transport errors: "transport").
+type Errors = Arc<Mutex<BTreeMap<String, u64>>>;
+
+fn code_name(e: &stemedb_client::Error) -> String {
+    e.code().map_or("transport".into(), |c| format!("{c:?}"))
+}
+
 /// Writes transactions until `stop`, each with a unique idempotency key,
 /// recording each one only once acknowledged. A failed write is abandoned,
 /// not retried: it is unacknowledged and may land at most once. Returns the
@@ -271,6 +367,7 @@ async fn write_until(
     w: usize,
     start: usize,
     acks: Acks,
+    errors: Errors,
     stop: Arc<AtomicBool>,
 ) -> usize {
     let opts = ClientOptions {
@@ -285,14 +382,21 @@ async fn write_until(
             continue;
         };
         while !stop.load(Ordering::Acquire) {
-            let r = c.transact_with_key(transaction(seed, w, i), key(w, i)).await;
+            let r = c
+                .transact_with_key(transaction(seed, w, i), key(w, i))
+                .await;
             i += 1;
             match r {
                 Ok(r) => {
-                    assert!(!r.deduplicated, "first attempt of {} deduplicated", key(w, i - 1));
+                    assert!(
+                        !r.deduplicated,
+                        "first attempt of {} deduplicated",
+                        key(w, i - 1)
+                    );
                     acks.lock().unwrap().insert((w, i - 1), r.tx);
                 }
-                Err(_) => {
+                Err(e) => {
+                    *errors.lock().unwrap().entry(code_name(&e)).or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     break;
                 }
@@ -300,6 +404,55 @@ async fn write_until(
         }
     }
     i
+}
+
+/// `WRITERS` concurrent writers (`write_until`).
+struct Writers {
+    stop: Arc<AtomicBool>,
+    joins: Vec<tokio::task::JoinHandle<usize>>,
+    errors: Errors,
+}
+
+impl Writers {
+    fn start(rig: &Rig, seed: u64, acks: &Acks, next: &[usize]) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Errors::default();
+        let joins = (0..WRITERS)
+            .map(|w| {
+                let (url, acks, errors, stop) =
+                    (rig.grpc_url(), acks.clone(), errors.clone(), stop.clone());
+                tokio::spawn(write_until(url, seed, w, next[w], acks, errors, stop))
+            })
+            .collect();
+        Writers {
+            stop,
+            joins,
+            errors,
+        }
+    }
+
+    fn errors(&self, code: &str) -> u64 {
+        self.errors.lock().unwrap().get(code).copied().unwrap_or(0)
+    }
+
+    /// Stops the writers; returns each one's next unused index.
+    async fn stop(self) -> Vec<usize> {
+        self.stop.store(true, Ordering::Release);
+        let mut next = Vec::new();
+        for j in self.joins {
+            next.push(j.await.expect("writer task"));
+        }
+        next
+    }
+}
+
+/// Waits (bounded) until `done` holds, polling.
+async fn eventually(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Every (entity -> [(tx, value)]) of one attribute of the workload.
@@ -326,8 +479,9 @@ fn parse_entity(e: &str) -> Option<(usize, usize)> {
 /// The checks after a restart (see the module docs of the issue):
 /// every acknowledged transaction present exactly once with its content;
 /// nothing that was never sent; no torn transaction; tx strictly increasing
-/// in each writer's order; all tx distinct. Returns the facts present.
-async fn verify(rig: &Rig, seed: u64, acks: &Acks, sent: &[usize]) -> usize {
+/// in each writer's order (when `ordered`: each writer sends one at a time);
+/// all tx distinct. Returns the number of transactions present.
+async fn verify(rig: &Rig, seed: u64, acks: &Acks, sent: &[usize], ordered: bool) -> usize {
     let c = Client::connect(rig.grpc_url()).await.expect("connect");
     let seqs = facts_of(&c, "seq").await;
     let payloads = facts_of(&c, "payload").await;
@@ -335,29 +489,71 @@ async fn verify(rig: &Rig, seed: u64, acks: &Acks, sent: &[usize]) -> usize {
     let mut by_writer: BTreeMap<usize, Vec<(usize, u64)>> = BTreeMap::new();
     for (e, v) in &seqs {
         let (w, i) = parse_entity(e).unwrap_or_else(|| panic!("unknown entity {e}; {}", ctx()));
-        assert!(w < sent.len() && i < sent[w], "{e} was never sent; {}", ctx());
-        assert_eq!(v.len(), 1, "{e} seq appears {} times: {v:?}; {}", v.len(), ctx());
+        assert!(
+            w < sent.len() && i < sent[w],
+            "{e} was never sent; {}",
+            ctx()
+        );
+        assert_eq!(
+            v.len(),
+            1,
+            "{e} seq appears {} times: {v:?}; {}",
+            v.len(),
+            ctx()
+        );
         let (tx, value) = &v[0];
-        assert_eq!(*value, Value::Int64(seq_value(w, i)), "{e} seq changed; {}", ctx());
-        let p = payloads.get(e).unwrap_or_else(|| panic!("{e}: torn transaction, no payload; {}", ctx()));
-        assert_eq!(p.len(), 1, "{e} payload appears {} times; {}", p.len(), ctx());
-        assert_eq!(p[0], (*tx, Value::Text(payload(seed, w, i))), "{e} payload; {}", ctx());
+        assert_eq!(
+            *value,
+            Value::Int64(seq_value(w, i)),
+            "{e} seq changed; {}",
+            ctx()
+        );
+        let p = payloads
+            .get(e)
+            .unwrap_or_else(|| panic!("{e}: torn transaction, no payload; {}", ctx()));
+        assert_eq!(
+            p.len(),
+            1,
+            "{e} payload appears {} times; {}",
+            p.len(),
+            ctx()
+        );
+        assert_eq!(
+            p[0],
+            (*tx, Value::Text(payload(seed, w, i))),
+            "{e} payload; {}",
+            ctx()
+        );
         by_writer.entry(w).or_default().push((i, *tx));
     }
     for e in payloads.keys() {
-        assert!(seqs.contains_key(e), "{e}: torn transaction, payload only; {}", ctx());
+        assert!(
+            seqs.contains_key(e),
+            "{e}: torn transaction, payload only; {}",
+            ctx()
+        );
     }
     for (&(w, i), &tx) in acks.lock().unwrap().iter() {
         let got = seqs.get(&entity(w, i)).unwrap_or_else(|| {
             panic!("acknowledged {} (tx {tx}) is missing; {}", key(w, i), ctx())
         });
-        assert_eq!(got[0].0, tx, "acknowledged {} changed tx; {}", key(w, i), ctx());
+        assert_eq!(
+            got[0].0,
+            tx,
+            "acknowledged {} changed tx; {}",
+            key(w, i),
+            ctx()
+        );
     }
     let mut all_tx = Vec::new();
     for (w, mut v) in by_writer {
         v.sort_unstable();
-        for pair in v.windows(2) {
-            assert!(pair[0].1 < pair[1].1, "writer {w}: tx not increasing {pair:?}; {}", ctx());
+        for pair in v.windows(2).filter(|_| ordered) {
+            assert!(
+                pair[0].1 < pair[1].1,
+                "writer {w}: tx not increasing {pair:?}; {}",
+                ctx()
+            );
         }
         all_tx.extend(v.into_iter().map(|(_, tx)| tx));
     }
@@ -368,38 +564,45 @@ async fn verify(rig: &Rig, seed: u64, acks: &Acks, sent: &[usize]) -> usize {
     n
 }
 
+/// Power loss with the WAL and sled's data directory both on faultfs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_cycles_walld_and_stemed() {
-    let seed = stemedb_tests::seed("power_loss_cycles_walld_and_stemed");
+    power_loss_cycles("power_loss_cycles_walld_and_stemed", RigOptions::default()).await;
+}
+
+/// Power loss of the WAL's disk only: sled's data directory is on the
+/// normal disk and sees a kill -9 (it keeps what it wrote).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_cycles_wal_disk_only() {
+    let options = RigOptions {
+        sled_on_faultfs: false,
+        ..RigOptions::default()
+    };
+    power_loss_cycles("power_loss_cycles_wal_disk_only", options).await;
+}
+
+async fn power_loss_cycles(test: &str, options: RigOptions) {
+    let seed = stemedb_tests::seed(test);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let started = Instant::now();
-    let mut rig = Rig::new();
+    let mut rig = Rig::with(options);
     rig.start_walld().await;
     rig.start_stemed().await;
     let acks: Acks = Arc::default();
     let mut next = vec![0usize; WRITERS];
     let cycles = cycles(CYCLES_CI);
     for cycle in 0..cycles {
-        let stop = Arc::new(AtomicBool::new(false));
-        let joins: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                let (url, acks, stop) = (rig.grpc_url(), acks.clone(), stop.clone());
-                tokio::spawn(write_until(url, seed, w, next[w], acks, stop))
-            })
-            .collect();
+        let writers = Writers::start(&rig, seed, &acks, &next);
         let run_ms = rng.gen_range(300..1500);
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
         rig.mark_logs(&format!("power loss {cycle} after {run_ms} ms"));
         rig.power_loss();
-        stop.store(true, Ordering::Release);
-        for (w, j) in joins.into_iter().enumerate() {
-            next[w] = j.await.unwrap();
-        }
+        next = writers.stop().await;
         let restart = Instant::now();
         rig.start_walld().await;
         rig.start_stemed().await;
         let restart_ms = restart.elapsed().as_millis();
-        let present = verify(&rig, seed, &acks, &next).await;
+        let present = verify(&rig, seed, &acks, &next, true).await;
         eprintln!(
             "cycle {cycle}: power loss after {run_ms} ms; restart {restart_ms} ms; \
              {} acknowledged, {present} present, {} sent",
@@ -415,18 +618,29 @@ async fn power_loss_cycles_walld_and_stemed() {
             let r = c
                 .transact_with_key(transaction(seed, w, i), key(w, i))
                 .await
-                .unwrap_or_else(|e| panic!("retry {}: {e}; seed {seed}\n{}", key(w, i), rig.logs()));
+                .unwrap_or_else(|e| {
+                    panic!("retry {}: {e}; seed {seed}\n{}", key(w, i), rig.logs())
+                });
             if let Some(tx) = acks.lock().unwrap().get(&(w, i)) {
-                assert!(r.deduplicated && r.tx == *tx, "retry of {} got {r:?}", key(w, i));
+                assert!(
+                    r.deduplicated && r.tx == *tx,
+                    "retry of {} got {r:?}",
+                    key(w, i)
+                );
             }
             acks.lock().unwrap().insert((w, i), r.tx);
         }
     }
-    verify(&rig, seed, &acks, &next).await;
+    // A retried write that had not landed lands now, out of its writer's
+    // order: no order check.
+    verify(&rig, seed, &acks, &next, false).await;
     let acked = acks.lock().unwrap().len();
-    assert!(acked > 50 * cycles.min(5), "the workload barely ran ({acked} acks)");
+    assert!(
+        acked > 50 * cycles.min(5),
+        "the workload barely ran ({acked} acks)"
+    );
     eprintln!(
-        "power_loss_cycles_walld_and_stemed: {cycles} cycles, {acked} acknowledged, {:.1} s, {}",
+        "{test}: {cycles} cycles, {acked} acknowledged, {:.1} s, {}",
         started.elapsed().as_secs_f64(),
         rig.mount.stats()
     );
@@ -496,7 +710,9 @@ async fn append_until(
     let mut n = start;
     while !stop.load(Ordering::Acquire) {
         // Batches of 1 to 3 records: a batch is all or nothing.
-        let batch: Vec<Vec<u8>> = (0..1 + n % 3).map(|k| wal_record(seed, appender, n + k)).collect();
+        let batch: Vec<Vec<u8>> = (0..1 + n % 3)
+            .map(|k| wal_record(seed, appender, n + k))
+            .collect();
         let count = batch.len();
         let r = c
             .append(pb::AppendRequest {
@@ -510,10 +726,16 @@ async fn append_until(
             Ok(r) => {
                 let r = r.into_inner();
                 assert_eq!(r.last_lsn - r.first_lsn + 1, count as u64, "{r:?}");
-                assert!(r.durable_lsn >= r.last_lsn, "acknowledged before durable: {r:?}");
+                assert!(
+                    r.durable_lsn >= r.last_lsn,
+                    "acknowledged before durable: {r:?}"
+                );
                 let mut acks = acks.lock().unwrap();
                 for (k, rec) in batch.into_iter().enumerate() {
-                    assert!(acks.insert(r.first_lsn + k as u64, rec).is_none(), "LSN reused");
+                    assert!(
+                        acks.insert(r.first_lsn + k as u64, rec).is_none(),
+                        "LSN reused"
+                    );
                 }
             }
             Err(_) => return n,
@@ -602,14 +824,201 @@ fn check_wal(
         assert_eq!(*lsn, first + k as u64, "LSNs not dense; {}", ctx());
         let (a, n) = parse_wal_record(seed, bytes)
             .unwrap_or_else(|| panic!("LSN {lsn}: a record that was never sent; {}", ctx()));
-        assert!(a < sent.len() && n < sent[a], "LSN {lsn}: ({a}, {n}) never sent; {}", ctx());
-        assert!(seen.insert((a, n)), "LSN {lsn}: ({a}, {n}) present twice; {}", ctx());
+        assert!(
+            a < sent.len() && n < sent[a],
+            "LSN {lsn}: ({a}, {n}) never sent; {}",
+            ctx()
+        );
+        assert!(
+            seen.insert((a, n)),
+            "LSN {lsn}: ({a}, {n}) present twice; {}",
+            ctx()
+        );
     }
     let last = records.last().map_or(0, |r| r.0);
     for (lsn, bytes) in acks {
         let Some((_, got)) = records.get((lsn - first) as usize) else {
-            panic!("acknowledged LSN {lsn} is missing (log ends at {last}); {}", ctx());
+            panic!(
+                "acknowledged LSN {lsn} is missing (log ends at {last}); {}",
+                ctx()
+            );
         };
         assert!(got == bytes, "acknowledged LSN {lsn} changed; {}", ctx());
     }
+}
+
+// ---------------------------------------------------------------------
+// Disk faults through faultfs (sled on the normal disk: these target walld).
+
+fn faults_rig(checkpoint_ms: u64) -> Rig {
+    Rig::with(RigOptions {
+        sled_on_faultfs: false,
+        checkpoint_ms,
+    })
+}
+
+/// fsync fails with EIO: walld stops on purpose (exit 70: a retried fsync
+/// could lie), stemed answers UNAVAILABLE and /readyz says 503; after a
+/// restart on a healthy filesystem nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_eio_fail_stops_walld_and_loses_nothing_acknowledged() {
+    let seed = stemedb_tests::seed("fsync_eio_fail_stops_walld_and_loses_nothing_acknowledged");
+    let mut rig = faults_rig(300);
+    rig.start_walld().await;
+    rig.start_stemed().await;
+    let acks: Acks = Arc::default();
+    let writers = Writers::start(&rig, seed, &acks, &[0; WRITERS]);
+    eventually("first acknowledgements", Duration::from_secs(20), || {
+        acks.lock().unwrap().len() > 50
+    })
+    .await;
+    rig.mark_logs("fail the next fsync");
+    rig.mount.fail_fsync(1);
+    let status = rig.wait_walld_exit(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "walld must fail-stop\n{}",
+        rig.logs()
+    );
+    let acked_at_stop = acks.lock().unwrap().len();
+    // stemed stays up and says why it cannot write.
+    let admin = rig.admin_port;
+    eventually("/readyz 503", Duration::from_secs(10), || {
+        matches!(stemedb_tests::http_get(admin, "/readyz"), Ok((503, _)))
+    })
+    .await;
+    let c = Client::connect_with(
+        rig.grpc_url(),
+        ClientOptions {
+            retry_max: 0,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let e = c
+        .transact(vec![Assertion::assert("eio:probe", "x", 1).source(SOURCE)])
+        .await
+        .expect_err("a write with walld down must fail");
+    assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{e}");
+    let next = writers.stop().await;
+    assert!(
+        acks.lock().unwrap().len() <= acked_at_stop + WRITERS,
+        "writes were acknowledged after walld stopped"
+    );
+    // The failed pages were never written back: a reboot forgets them.
+    rig.mount.crash();
+    rig.mark_logs("restart walld on a healthy filesystem");
+    rig.start_walld().await;
+    rig.wait_ready().await;
+    let present = verify(&rig, seed, &acks, &next, true).await;
+    let r = c
+        .transact(vec![Assertion::assert("eio:after", "x", 1).source("eio")])
+        .await;
+    assert!(r.is_ok(), "the node serves again: {r:?}\n{}", rig.logs());
+    eprintln!(
+        "fsync EIO: walld exit 70; {} acknowledged, {present} present; {}",
+        acks.lock().unwrap().len(),
+        rig.mount.stats()
+    );
+}
+
+/// The disk is full: writes are refused with RESOURCE_EXHAUSTED, nothing
+/// acknowledged is lost, and freeing space restores service without a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_refuses_writes_and_recovers_without_restart() {
+    let seed = stemedb_tests::seed("enospc_refuses_writes_and_recovers_without_restart");
+    // No checkpoints: truncation would free space behind the test's back.
+    let mut rig = faults_rig(0);
+    rig.start_walld().await;
+    rig.start_stemed().await;
+    let acks: Acks = Arc::default();
+    let writers = Writers::start(&rig, seed, &acks, &[0; WRITERS]);
+    eventually("first acknowledgements", Duration::from_secs(20), || {
+        acks.lock().unwrap().len() > 50
+    })
+    .await;
+    let used = rig.mount.stats().model.used_bytes;
+    rig.mark_logs("disk full");
+    rig.mount.quota(Some(used + 65536));
+    eventually("RESOURCE_EXHAUSTED", Duration::from_secs(30), || {
+        writers.errors("ResourceExhausted") > 0
+    })
+    .await;
+    assert!(rig.mount.stats().enospc > 0, "walld never hit the quota");
+    assert!(
+        rig.walld.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "walld must not exit on ENOSPC\n{}",
+        rig.logs()
+    );
+    let acked_full = acks.lock().unwrap().len();
+    rig.mark_logs("space freed");
+    rig.mount.quota(None);
+    eventually("writes succeed again", Duration::from_secs(30), || {
+        acks.lock().unwrap().len() > acked_full + 20
+    })
+    .await;
+    let errors = writers.errors.lock().unwrap().clone();
+    let next = writers.stop().await;
+    let present = verify(&rig, seed, &acks, &next, true).await;
+    eprintln!(
+        "ENOSPC: errors {errors:?}; {} acknowledged, {present} present; {}",
+        acks.lock().unwrap().len(),
+        rig.mount.stats()
+    );
+}
+
+/// fsync delayed by 150 ms: walld logs `slow fsync`, its fsync p99 goes
+/// above 0.1 s, and write latency follows; writes still succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_fsync_shows_the_runbook_symptoms() {
+    let mut rig = faults_rig(0);
+    rig.start_walld().await;
+    rig.start_stemed().await;
+    let c = Client::connect(rig.grpc_url()).await.unwrap();
+    let latency = |label: &'static str| {
+        let c = c.clone();
+        async move {
+            let mut ms = Vec::new();
+            for i in 0..8 {
+                let t = Instant::now();
+                c.transact(vec![
+                    Assertion::assert(format!("slow:{label}:{i}"), "x", 1).source("slow")
+                ])
+                .await
+                .unwrap_or_else(|e| panic!("write {label} {i}: {e}"));
+                ms.push(t.elapsed().as_millis() as u64);
+            }
+            ms.sort_unstable();
+            ms[ms.len() / 2]
+        }
+    };
+    let fast_ms = latency("fast").await;
+    rig.mark_logs("delay fsync 150 ms");
+    rig.mount.delay_fsync(150);
+    let slow_ms = latency("slow").await;
+    rig.mount.delay_fsync(0);
+    let mut wal = wal_connect(&rig.socket()).await;
+    let status = wal.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let p99 = status
+        .fsync_duration_quantiles
+        .iter()
+        .find(|q| (q.quantile - 0.99).abs() < 1e-9)
+        .map(|q| q.value)
+        .unwrap_or_else(|| panic!("no p99 in {:?}", status.fsync_duration_quantiles));
+    let log = rig.log_text("walld");
+    assert!(
+        log.contains("slow fsync"),
+        "no `slow fsync` line\n{}",
+        rig.logs()
+    );
+    assert!(p99 > 0.1, "fsync p99 {p99} s");
+    assert!(
+        slow_ms >= 150,
+        "median write {slow_ms} ms with fsync delayed 150 ms"
+    );
+    assert!(fast_ms < 150, "median write {fast_ms} ms without delay");
+    eprintln!("slow fsync: median write {fast_ms} ms -> {slow_ms} ms; fsync p99 {p99:.3} s");
 }
