@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use rand::RngCore;
@@ -68,6 +68,10 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+type EntityCache = moka::sync::Cache<String, Arc<CachedEntity>>;
+
+/// The current view of one entity, valid from `basis_tx` until `apply`
+/// invalidates it.
 struct CachedEntity {
     basis_tx: u64,
     facts: Vec<Fact>,
@@ -79,7 +83,7 @@ struct Inner {
     applied_lsn: AtomicU64,
     fact_count: AtomicU64,
     token_secret: [u8; TOKEN_SECRET_BYTES],
-    entity_cache: Option<moka::sync::Cache<String, Arc<CachedEntity>>>,
+    entity_cache: Option<EntityCache>,
     idempotency_retention: Duration,
     /// Versions one query page may scan; [`QUERY_SCAN_VERSIONS_MAX`] unless a
     /// test lowers it.
@@ -139,13 +143,6 @@ impl Store {
         self.inner
             .write_gate
             .write()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn read_lock(&self) -> RwLockReadGuard<'_, ()> {
-        self.inner
-            .write_gate
-            .read()
             .unwrap_or_else(|e| e.into_inner())
     }
 
@@ -280,20 +277,28 @@ impl Store {
         }
         let facts = self.scan_entity(entity, basis)?;
         if let Some(cache) = cache {
-            let _gate = self.read_lock();
-            // Only if no apply published since `basis` was read: otherwise
-            // it may have touched this entity and the answer is already stale.
-            if self.applied_lsn() == basis {
-                cache.insert(
-                    entity.to_string(),
-                    Arc::new(CachedEntity {
-                        basis_tx: basis,
-                        facts: facts.clone(),
-                    }),
-                );
-            }
+            self.fill_cache(cache, entity, basis, &facts);
         }
         Ok((facts, basis))
+    }
+
+    /// Caches `facts` as the current view of `entity` if it still is: only
+    /// when no apply is running and none published since `basis` was read
+    /// (one that did may have touched this entity). Never waits for a running
+    /// apply: a busy writer just means this answer is not cached.
+    fn fill_cache(&self, cache: &EntityCache, entity: &str, basis: u64, facts: &[Fact]) {
+        let _gate = match self.inner.write_gate.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        if self.applied_lsn() == basis {
+            let entry = CachedEntity {
+                basis_tx: basis,
+                facts: facts.to_vec(),
+            };
+            cache.insert(entity.to_string(), Arc::new(entry));
+        }
     }
 
     fn scan_entity(&self, entity: &str, basis: u64) -> Result<Vec<Fact>, StoreError> {
