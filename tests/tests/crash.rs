@@ -108,7 +108,7 @@ async fn crash_cycles(kill_walld: bool, test: &str) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut node = Node::start().await;
     let acks: Acks = Arc::default();
-    let mut next = vec![0usize; WRITERS];
+    let mut next = [0usize; WRITERS];
     for cycle in 0..CYCLES {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let joins: Vec<_> = (0..WRITERS)
