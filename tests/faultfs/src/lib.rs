@@ -53,6 +53,8 @@ pub struct Faults {
     writes: AtomicU64,
     bytes_written: AtomicU64,
     crashes: AtomicU64,
+    crash_lost_bytes: AtomicU64,
+    crash_lost_entries: AtomicU64,
 }
 
 impl Default for Faults {
@@ -67,6 +69,8 @@ impl Default for Faults {
             writes: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
             crashes: AtomicU64::new(0),
+            crash_lost_bytes: AtomicU64::new(0),
+            crash_lost_entries: AtomicU64::new(0),
         }
     }
 }
@@ -83,6 +87,11 @@ pub struct Stats {
     pub writes: u64,
     pub bytes_written: u64,
     pub crashes: u64,
+    /// Dirty bytes (in pages) the crashes forgot, summed.
+    pub crash_lost_bytes: u64,
+    /// Directory entry changes (creates, renames, unlinks) the crashes
+    /// forgot, summed.
+    pub crash_lost_entries: u64,
     /// fsync failures still armed.
     pub fail_fsync_armed: u64,
     pub model: ModelStats,
@@ -93,7 +102,8 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "fsyncs={} fsync_failures={} fail_fsync_armed={} enospc={} writes={} bytes_written={} \
-             crashes={} dirty_bytes={} used_bytes={} inodes={}",
+             crashes={} crash_lost_bytes={} crash_lost_entries={} dirty_bytes={} \
+             used_bytes={} inodes={}",
             self.fsyncs,
             self.fsync_failures,
             self.fail_fsync_armed,
@@ -101,6 +111,8 @@ impl std::fmt::Display for Stats {
             self.writes,
             self.bytes_written,
             self.crashes,
+            self.crash_lost_bytes,
+            self.crash_lost_entries,
             self.model.dirty_bytes,
             self.model.used_bytes,
             self.model.inodes
@@ -121,9 +133,13 @@ impl Control {
     /// power). Afterwards the mount shows exactly the durable state.
     pub fn crash(&self) {
         let mut s = self.shared.lock();
-        s.crash()
+        let (bytes, entries) = s
+            .crash()
             .expect("faultfs: rebuilding from the backing directory");
-        self.shared.faults.crashes.fetch_add(1, Ordering::Relaxed);
+        let f = &self.shared.faults;
+        f.crashes.fetch_add(1, Ordering::Relaxed);
+        f.crash_lost_bytes.fetch_add(bytes, Ordering::Relaxed);
+        f.crash_lost_entries.fetch_add(entries, Ordering::Relaxed);
     }
 
     /// Fails the next `n` fsync/fdatasync/fsyncdir calls with EIO. A failed
@@ -158,6 +174,8 @@ impl Control {
             writes: f.writes.load(Ordering::Relaxed),
             bytes_written: f.bytes_written.load(Ordering::Relaxed),
             crashes: f.crashes.load(Ordering::Relaxed),
+            crash_lost_bytes: f.crash_lost_bytes.load(Ordering::Relaxed),
+            crash_lost_entries: f.crash_lost_entries.load(Ordering::Relaxed),
             fail_fsync_armed: f.fail_fsync.load(Ordering::Relaxed),
             model,
         }

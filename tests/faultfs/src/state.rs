@@ -164,9 +164,27 @@ impl State {
         Ok(s)
     }
 
-    /// Power loss: forgets everything that is not durable.
-    pub fn crash(&mut self) -> io::Result<()> {
-        self.rebuild()
+    /// Power loss: forgets everything that is not durable. Returns what was
+    /// lost: (dirty bytes, directory entries whose change was not durable).
+    pub fn crash(&mut self) -> io::Result<(u64, u64)> {
+        let dirty = self.dirty_bytes();
+        let entries = self
+            .inodes
+            .values()
+            .map(|i| match &i.kind {
+                Kind::Dir(d) => {
+                    let changed = d
+                        .entries
+                        .iter()
+                        .filter(|(n, i)| d.durable.get(*n) != Some(i));
+                    let removed = d.durable.keys().filter(|n| !d.entries.contains_key(*n));
+                    (changed.count() + removed.count()) as u64
+                }
+                Kind::File(_) => 0,
+            })
+            .sum();
+        self.rebuild()?;
+        Ok((dirty, entries))
     }
 
     fn rebuild(&mut self) -> io::Result<()> {

@@ -73,7 +73,9 @@ fn crash_drops_unsynced_data_and_keeps_synced_data() {
     // The handle opened before the crash belongs to a dead process.
     let e = f.write_all_at(b"x", 0).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "stale handle: {e}");
-    assert_eq!(fx.mount.stats().crashes, 1);
+    let s = fx.mount.stats();
+    assert_eq!(s.crashes, 1);
+    assert_eq!(s.crash_lost_bytes, 3 * 4096, "pages 0..=2 were dirty: {s}");
 }
 
 #[test]
