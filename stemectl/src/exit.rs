@@ -67,6 +67,13 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<Error>() {
             return match e {
                 Error::Transport(_) => CONNECTION,
+                // stemectl never cancels a call itself, so CANCELLED means
+                // tonic saw the connection torn down under the call (for
+                // example a TLS peer refusing our client certificate).
+                Error::Status {
+                    code: tonic::Code::Cancelled,
+                    ..
+                } => CONNECTION,
                 Error::Status { .. } | Error::InvalidResponse(_) => SERVER,
             };
         }
@@ -83,6 +90,10 @@ pub fn hint(err: &anyhow::Error, cli: &crate::cli::Cli) -> Option<String> {
             cli.addr
         )),
         Error::Status { code, message } => match code {
+            tonic::Code::Cancelled => Some(format!(
+                "the connection to {} was closed under the call: with TLS, check --ca-file, --client-cert and --client-key; else is stemed restarting?",
+                cli.addr
+            )),
             tonic::Code::Unavailable if message.contains("draining") => Some(
                 "the node refuses writes while drained: run `stemectl undrain` when it may serve again, or write to another node".into(),
             ),
@@ -122,6 +133,20 @@ mod tests {
         assert_eq!(
             code_for(&anyhow::Error::new(UsageError("bad".into()))),
             USAGE
+        );
+        let cancelled: anyhow::Result<()> = Err(Error::Status {
+            code: tonic::Code::Cancelled,
+            message: "operation was canceled".into(),
+        }
+        .into());
+        assert_eq!(code_for(&cancelled.unwrap_err()), CONNECTION);
+        assert_eq!(
+            code_for(&anyhow::Error::new(ConnectionError("x".into()))),
+            CONNECTION
+        );
+        assert_eq!(
+            code_for(&anyhow::Error::new(ServerError("x".into()))),
+            SERVER
         );
         assert_eq!(code_for(&anyhow::anyhow!("other")), FAILURE);
     }

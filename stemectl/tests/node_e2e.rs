@@ -403,3 +403,151 @@ fn completions_and_help_examples() {
         );
     }
 }
+
+/// Runs `openssl` with `args` in `dir`, expecting success.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl (the TLS test makes its certificates with it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for localhost and 127.0.0.1, and a client
+/// certificate, as PEM files in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&[
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=stemectl test CA",
+    ]);
+    openssl(dir, &ca);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, cn) in [
+        ("server", "/CN=localhost"),
+        ("client", "/CN=stemectl test client"),
+    ] {
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        let mut req = vec!["req"];
+        req.extend_from_slice(&ec);
+        req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", cn]);
+        openssl(dir, &req);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+}
+
+#[tokio::test]
+async fn mtls_for_admin_http_and_grpc() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |n: &str| certs.path().join(n).display().to_string();
+    let node = Node::start_with(NodeOptions {
+        stemed_env: vec![
+            ("STEMEDB_TLS_CERT_FILE".into(), p("server.pem")),
+            ("STEMEDB_TLS_KEY_FILE".into(), p("server.key")),
+            ("STEMEDB_TLS_CLIENT_CA_FILE".into(), p("ca.pem")),
+        ],
+        ready_curl: Some(vec![
+            "--cacert".into(),
+            p("ca.pem"),
+            "--cert".into(),
+            p("client.pem"),
+            "--key".into(),
+            p("client.key"),
+        ]),
+        ..NodeOptions::default()
+    })
+    .await;
+    let mut ctl = Ctl {
+        addr: format!("https://127.0.0.1:{}", node.grpc_port),
+        admin: format!("https://localhost:{}", node.admin_port),
+        env: vec![("STEMEDB_CA_FILE".into(), p("ca.pem"))],
+    };
+
+    // https:// without a CA to trust is a usage error that names the flag.
+    let mut no_ca = Ctl {
+        env: Vec::new(),
+        ..ctl
+    };
+    let stderr = no_ca.fails(2, &["status"]);
+    assert!(stderr.contains("--ca-file"), "{stderr}");
+    no_ca.fails(2, &["get", "e"]);
+    // Without a client certificate the server refuses: a connection error.
+    no_ca.env = vec![("STEMEDB_CA_FILE".into(), p("ca.pem"))];
+    no_ca.fails(4, &["status"]);
+    let stderr = no_ca.fails(4, &["get", "e"]);
+    assert!(stderr.contains("--client-cert"), "{stderr}");
+    ctl = no_ca;
+
+    ctl.env
+        .push(("STEMEDB_CLIENT_CERT".into(), p("client.pem")));
+    ctl.env.push(("STEMEDB_CLIENT_KEY".into(), p("client.key")));
+    assert_eq!(ctl.json(&["status"])["state"], "serving");
+    assert_eq!(
+        ctl.json(&["rate-limit", "set", "9000"])["max_writes_per_sec"],
+        9000
+    );
+    ctl.ok(&["assert", "tls:1", "name", "Ada"]);
+    assert_eq!(
+        ctl.json(&["get", "tls:1"])["facts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A CA that did not sign the server's certificate is refused.
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path());
+    let wrong_ca = other.path().join("ca.pem").display().to_string();
+    let stderr = ctl.fails(4, &["--ca-file", &wrong_ca, "status"]);
+    assert!(stderr.contains("TLS handshake"), "{stderr}");
+    ctl.fails(4, &["--ca-file", &wrong_ca, "get", "tls:1"]);
+}
