@@ -134,12 +134,11 @@ mod tests {
             code_for(&anyhow::Error::new(UsageError("bad".into()))),
             USAGE
         );
-        let cancelled: anyhow::Result<()> = Err(Error::Status {
+        let cancelled = anyhow::Error::new(Error::Status {
             code: tonic::Code::Cancelled,
             message: "operation was canceled".into(),
-        }
-        .into());
-        assert_eq!(code_for(&cancelled.unwrap_err()), CONNECTION);
+        });
+        assert_eq!(code_for(&cancelled), CONNECTION);
         assert_eq!(
             code_for(&anyhow::Error::new(ConnectionError("x".into()))),
             CONNECTION
