@@ -19,6 +19,9 @@ pub enum StoreError {
     /// The store on disk was written by an incompatible format version.
     #[error("unsupported store format version {found} (this build reads {supported})")]
     UnsupportedFormat { found: u64, supported: u64 },
+    /// An earlier commit failed; this store must be reopened before applying.
+    #[error("store refuses writes after an earlier commit failure; restart and replay")]
+    WriteFailed,
     #[error("background task failed: {0}")]
     Task(String),
 }

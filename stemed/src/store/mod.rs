@@ -1,9 +1,38 @@
 //! `stemed::store`: the sled-backed assertion store.
 //!
-//! **Architecture Invariant:** the store knows nothing about gRPC or
-//! protobuf; its domain types live in [`model`] and the gRPC layer converts
-//! at its boundary. It does not know about walld either: it is fed decoded
-//! WAL records (`(lsn, TxRecord)`) in LSN order by the write path.
+//! # Bird's-eye view
+//!
+//! In: decoded WAL records `(lsn, TxRecord)` from the write path, in dense
+//! LSN order ([`Store::apply`]). Out: as-of reads ([`Store::get`],
+//! [`Store::query`], [`Store::history`]) and the tx log for Watch
+//! ([`Store::transactions_from`]). [`codec`] is the WAL record format both
+//! sides share.
+//!
+//! # Code map
+//!
+//! - `model`: domain types (no protobuf).
+//! - `codec`: the WAL record of one transaction (magic, version, CRC32C).
+//! - `keys`: the single sled tree's key spaces and order-preserving encodings;
+//!   the layout table lives there.
+//! - `live`: streaming "latest version as of T" over a claim-index scan.
+//! - `page`: HMAC-authenticated, parameter-bound page tokens.
+//! - `sled_store`: `Store`: apply, reads, flush, idempotency purge, entity cache.
+//!
+//! **Architecture Invariant:** the store knows nothing about gRPC, protobuf
+//! or walld. Domain types live in [`model`]; the gRPC layer converts at its
+//! boundary.
+//!
+//! **Architecture Invariant:** one `apply` call is one sled `apply_batch` on
+//! one tree: index entries, tx log, idempotency keys and `applied_lsn` are
+//! recovered together or not at all, so after a crash `applied_lsn` says
+//! exactly which WAL records to replay (from `applied_lsn + 1`).
+//!
+//! **Architecture Invariant:** every read has a basis tx and filters index
+//! entries by `tx <= basis`; the in-memory `applied_lsn` is published only
+//! after its batch committed. A read therefore never sees half of a batch.
+//!
+//! **Architecture Invariant:** history is immutable. Nothing is ever deleted
+//! from the claim, history or tx-log key spaces; only idempotency keys expire.
 
 pub mod codec;
 mod error;

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -88,6 +88,8 @@ struct Inner {
     /// Versions one query page may scan; [`QUERY_SCAN_VERSIONS_MAX`] unless a
     /// test lowers it.
     scan_budget: AtomicUsize,
+    /// Set when a commit failed; see `apply`.
+    write_failed: AtomicBool,
     /// Held for writing by `apply` and `purge_idempotency` (one writer at a
     /// time) and for reading by a cache fill, so a fill never races the
     /// commit, invalidate, publish sequence of an `apply`.
@@ -117,6 +119,7 @@ impl Store {
             entity_cache,
             idempotency_retention: cfg.idempotency_retention,
             scan_budget: AtomicUsize::new(QUERY_SCAN_VERSIONS_MAX),
+            write_failed: AtomicBool::new(false),
             write_gate: RwLock::new(()),
         };
         Ok(Store {
@@ -154,11 +157,20 @@ impl Store {
     /// commit atomically in one sled batch. A record whose idempotency key was
     /// already applied (before, or earlier in this call) is a `Duplicate`: it
     /// consumes its LSN but adds no facts and no tx-log entry.
+    ///
+    /// If sled fails while committing, the in-memory tree may hold part of
+    /// the batch, so every later `apply` fails with `StoreError::WriteFailed`:
+    /// retrying could not be trusted. Restart, reopen and replay from
+    /// `applied_lsn() + 1`; partial entries have `tx > applied_lsn` and are
+    /// invisible to reads and overwritten by the replay.
     pub fn apply(&self, records: &[(u64, TxRecord)]) -> Result<Vec<ApplyOutcome>, StoreError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
         let _gate = self.write_lock();
+        if self.inner.write_failed.load(Ordering::Acquire) {
+            return Err(StoreError::WriteFailed);
+        }
         let first_lsn = self.applied_lsn() + 1;
         let mut staged = Staged::default();
         for (i, (lsn, rec)) in records.iter().enumerate() {
@@ -180,7 +192,10 @@ impl Store {
         staged
             .batch
             .insert(keys::meta_key(META_FACT_COUNT), &fact_count.to_be_bytes());
-        self.inner.tree.apply_batch(staged.batch)?;
+        if let Err(e) = self.inner.tree.apply_batch(staged.batch) {
+            self.inner.write_failed.store(true, Ordering::Release);
+            return Err(e.into());
+        }
         if let Some(cache) = &self.inner.entity_cache {
             for entity in &staged.touched {
                 cache.invalidate(entity.as_str());
@@ -245,10 +260,16 @@ impl Store {
 
     /// The `(tx, recorded_at_micros)` that first applied `key`, if retained.
     pub fn lookup_idempotency(&self, key: &str) -> Result<Option<(u64, i64)>, StoreError> {
-        match self.inner.tree.get(keys::idem_key(key))? {
-            Some(v) => Ok(Some(keys::decode_idem_value(&v)?)),
-            None => Ok(None),
+        let Some(v) = self.inner.tree.get(keys::idem_key(key))? else {
+            return Ok(None);
+        };
+        let (tx, recorded_at_micros) = keys::decode_idem_value(&v)?;
+        // An entry beyond applied_lsn is left over from a failed batch; its
+        // record has not been applied (yet), so the key is not taken.
+        if tx > self.applied_lsn() {
+            return Ok(None);
         }
+        Ok(Some((tx, recorded_at_micros)))
     }
 
     /// `as_of` None or 0 means current; later than current is clamped.
