@@ -7,6 +7,7 @@
 #   scripts/bench-stemed.sh                  # release build, 10 s per cell
 #   scripts/bench-stemed.sh --json out.json  # also the raw stemectl JSON
 #   scripts/bench-stemed.sh --smoke          # ~1 s per cell, small preload (CI)
+#   scripts/bench-stemed.sh --keep           # keep the node's directory and logs
 #
 # Matrix: durable writes at concurrency 1, 16, 64 and 256, with 1 and with
 # 100 assertions per transaction; then Get at concurrency 16 on a store
@@ -27,10 +28,11 @@
 #   BENCH_BIN_DIR      use the binaries in this directory instead
 #
 # Binaries: the full run builds and uses the release build
-# (`cargo build --release --bins`). --smoke builds nothing: it uses
-# target/release when all three binaries are there, else target/debug (what
-# scripts/test.sh has just built).
+# (`cargo build --release --bins`). --smoke builds nothing: it uses the
+# newer of target/release and target/debug that has all three binaries (in
+# CI only the debug build that scripts/test.sh has just made exists).
 set -euo pipefail
+caller_dir=$(pwd)
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
@@ -43,11 +45,14 @@ while [ $# -gt 0 ]; do
     --json) json_out="${2:?--json needs a FILE}"; shift ;;
     --json=*) json_out="${1#--json=}" ;;
     --keep) keep=1 ;;
-    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "bench-stemed: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+# --json FILE is relative to where the script was started.
+case "$json_out" in ""|/*) ;; *) json_out="$caller_dir/$json_out" ;; esac
 
 if [ "$smoke" = 1 ]; then
   secs=${BENCH_SECS:-1}

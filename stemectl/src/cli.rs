@@ -294,14 +294,14 @@ pub struct WriteArgs {
     /// Lines per transaction with --file.
     #[arg(long, default_value_t = 1000, requires = "file", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch: u32,
-    /// How to read VALUE.
-    #[arg(long = "type", value_enum, default_value_t = ValueType::Text)]
+    /// How to read VALUE (with --file, each line has its own "type").
+    #[arg(long = "type", value_enum, default_value_t = ValueType::Text, conflicts_with = "file")]
     pub value_type: ValueType,
     /// Who makes the claim (the server requires one).
     #[arg(long, env = "STEMEDB_SOURCE", default_value = "stemectl")]
     pub source: String,
-    /// How sure the source is, in [0, 1].
-    #[arg(long)]
+    /// How sure the source is, in [0, 1] (with --file: per line).
+    #[arg(long, conflicts_with = "file")]
     pub confidence: Option<f64>,
     /// Idempotency key (default: a fresh UUID). Repeating a key returns the
     /// original transaction.
