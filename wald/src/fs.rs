@@ -111,18 +111,25 @@ pub fn open_rw(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Creates the WAL directory if needed and makes its entry durable in
-/// the parent directory.
+/// Creates the WAL directory (and missing ancestors) if needed, and makes
+/// every new directory entry durable by fsyncing its parent.
 pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
+    let created: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .collect();
     std::fs::create_dir_all(dir)?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    fsync_dir(&parent)
+    for new_dir in created.iter().rev() {
+        let parent = match new_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fsync_dir(parent)?;
+    }
+    Ok(())
 }
 
 /// Free bytes for unprivileged users on the file system holding `path`.

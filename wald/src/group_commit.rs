@@ -293,12 +293,13 @@ impl Committer {
     }
 
     async fn enqueue<T>(&self, job: Job, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
-        self.inner.queue.push(job)?;
-        self.inner
-            .shared
-            .metrics
-            .queue_depth
-            .fetch_add(1, Ordering::Relaxed);
+        // Count before pushing so the writer's decrement never runs first.
+        let depth = &self.inner.shared.metrics.queue_depth;
+        depth.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.inner.queue.push(job) {
+            depth.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
         rx.await.unwrap_or(Err(WalError::ShuttingDown))
     }
 
@@ -597,5 +598,86 @@ impl Writer {
         self.shared.metrics.count_error(error.kind());
         self.shared.set_state(WalState::Failed, reason);
         self.shared.fatal.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sync_job() -> Job {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        Job::Sync(oneshot::channel().0, permit)
+    }
+
+    fn append_job(bytes: usize) -> Job {
+        let sem = Arc::new(Semaphore::new(2));
+        let permits = (
+            sem.clone().try_acquire_owned().unwrap(),
+            sem.try_acquire_owned().ok(),
+        );
+        let reply = oneshot::channel().0;
+        Job::Append(AppendJob {
+            epoch: 1,
+            records: vec![Bytes::new()],
+            bytes,
+            no_sync: false,
+            reply,
+            _permits: permits,
+        })
+    }
+
+    fn queue() -> Queue {
+        Queue {
+            inner: Mutex::new(QueueInner::default()),
+            wake: Condvar::new(),
+        }
+    }
+
+    #[test]
+    fn groups_are_bounded_in_bytes_but_never_empty() {
+        let q = queue();
+        for _ in 0..5 {
+            q.push(append_job(400)).unwrap();
+        }
+        let sizes: Vec<usize> = (0..3)
+            .map(|_| q.pop_group(1000, Duration::ZERO).unwrap().len())
+            .collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        q.push(append_job(5000)).unwrap();
+        assert_eq!(
+            q.pop_group(1000, Duration::ZERO).unwrap().len(),
+            1,
+            "one oversized job still goes"
+        );
+    }
+
+    #[test]
+    fn closed_queue_drains_then_ends() {
+        let q = queue();
+        q.push(sync_job()).unwrap();
+        q.close();
+        assert!(matches!(q.push(sync_job()), Err(WalError::ShuttingDown)));
+        assert_eq!(
+            q.pop_group(1 << 20, Duration::from_secs(10)).unwrap().len(),
+            1
+        );
+        assert!(q.pop_group(1 << 20, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn max_wait_collects_late_jobs() {
+        let q = Arc::new(queue());
+        q.push(append_job(10)).unwrap();
+        let late = q.clone();
+        let pusher = std::thread::spawn(move || late.push(append_job(10)).unwrap());
+        pusher.join().unwrap();
+        // Both are queued before the pop: with a wait, one group takes both.
+        assert_eq!(
+            q.pop_group(1 << 20, Duration::from_millis(1))
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

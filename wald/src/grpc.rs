@@ -407,3 +407,27 @@ pub fn peer_check(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<std::time::Duration> {
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&request)
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        use std::time::Duration;
+        assert_eq!(timeout_of("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(timeout_of("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(timeout_of("x"), None);
+        assert_eq!(grpc_timeout(&Request::new(())), None);
+    }
+}
