@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use stemedb_client::{Assertion, Client, ClientOptions, Query, Value};
@@ -762,6 +762,8 @@ async fn power_loss_cycles_walld_only() {
     rig.start_walld().await;
     let acks: WalAcks = Arc::default();
     let mut next = vec![0usize; WAL_APPENDERS];
+    // The highest `below_lsn` ever sent in a Truncate (answered or not).
+    let truncate_below = Arc::new(AtomicU64::new(1));
     let cycles = cycles(WAL_CYCLES_CI);
     for cycle in 0..cycles {
         let mut c = wal_connect(&rig.socket()).await;
@@ -780,6 +782,13 @@ async fn power_loss_cycles_walld_only() {
                 tokio::spawn(append_until(c, epoch, seed, a, next[a], acks, stop))
             })
             .collect();
+        let truncator = tokio::spawn(truncate_until(
+            c.clone(),
+            seed ^ cycle as u64,
+            acks.clone(),
+            truncate_below.clone(),
+            stop.clone(),
+        ));
         let run_ms = rng.gen_range(50..700);
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
         rig.mark_logs(&format!("power loss {cycle} after {run_ms} ms"));
@@ -788,14 +797,18 @@ async fn power_loss_cycles_walld_only() {
         for (a, j) in joins.into_iter().enumerate() {
             next[a] = j.await.unwrap();
         }
+        truncator.await.unwrap();
         rig.start_walld().await;
         let mut c = wal_connect(&rig.socket()).await;
         let records = wal_read_all(&mut c).await;
-        check_wal(&rig, seed, &records, &acks.lock().unwrap(), &next);
+        let below = truncate_below.load(Ordering::Acquire);
+        check_wal(&rig, seed, &records, &acks.lock().unwrap(), &next, below);
         eprintln!(
-            "cycle {cycle}: power loss after {run_ms} ms; {} acknowledged, {} records present",
+            "cycle {cycle}: power loss after {run_ms} ms; {} acknowledged, {} records present \
+             from LSN {}, truncation requested below {below}",
             acks.lock().unwrap().len(),
-            records.len()
+            records.len(),
+            records.first().map_or(0, |r| r.0)
         );
     }
     let acked = acks.lock().unwrap().len();
@@ -807,18 +820,59 @@ async fn power_loss_cycles_walld_only() {
     );
 }
 
-/// Dense LSNs from 1; every acknowledged LSN present with identical bytes;
-/// every record present was sent, exactly once.
+/// Truncates the log now and then, below a seeded fraction of the highest
+/// acknowledged LSN, as stemed's checkpoints do; records each `below_lsn`
+/// in `requested` before sending it.
+async fn truncate_until(
+    mut c: WalClient<Channel>,
+    seed: u64,
+    acks: WalAcks,
+    requested: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    while !stop.load(Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(20..120))).await;
+        let top = acks
+            .lock()
+            .unwrap()
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0);
+        let below = (top as f64 * rng.gen_range(0.3..0.9)) as u64;
+        if below <= requested.load(Ordering::Acquire) {
+            continue;
+        }
+        requested.fetch_max(below, Ordering::AcqRel);
+        if c.truncate(pb::TruncateRequest { below_lsn: below })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Dense LSNs from the first one present, which is at most the highest
+/// truncation point requested; every acknowledged LSN at or above that
+/// point present with identical bytes; every record present was sent,
+/// exactly once.
 fn check_wal(
     rig: &Rig,
     seed: u64,
     records: &[(u64, Vec<u8>)],
     acks: &BTreeMap<u64, Vec<u8>>,
     sent: &[usize],
+    truncated_below: u64,
 ) {
     let ctx = || format!("seed {seed}\n{}", rig.logs());
     let first = records.first().map_or(1, |r| r.0);
-    assert_eq!(first, 1, "the log lost its head; {}", ctx());
+    assert!(
+        first <= truncated_below.max(1),
+        "the log starts at {first}, past the truncation point {truncated_below}; {}",
+        ctx()
+    );
     let mut seen = std::collections::HashSet::new();
     for (k, (lsn, bytes)) in records.iter().enumerate() {
         assert_eq!(*lsn, first + k as u64, "LSNs not dense; {}", ctx());
@@ -836,7 +890,9 @@ fn check_wal(
         );
     }
     let last = records.last().map_or(0, |r| r.0);
-    for (lsn, bytes) in acks {
+    // Acknowledged LSNs below `first` were truncated, which `first <=
+    // truncated_below` allows; all others must be there.
+    for (lsn, bytes) in acks.range(first..) {
         let Some((_, got)) = records.get((lsn - first) as usize) else {
             panic!(
                 "acknowledged LSN {lsn} is missing (log ends at {last}); {}",
