@@ -51,6 +51,8 @@ pub struct AdminState {
     pub ops: Arc<Ops>,
     pub auth: Arc<AdminAuth>,
     pub health: tonic_health::server::HealthReporter,
+    /// The load-balancer listener, closed while draining.
+    pub lb: crate::listeners::LbListener,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -212,6 +214,9 @@ async fn set_serving(s: &AdminState, serving: bool) {
 }
 
 async fn drain(State(s): State<AdminState>) -> Response {
+    // First out of the load balancer, then refuse writes: a request that
+    // nginx already routed here must not meet the drain.
+    s.lb.drain().await;
     if let Err(e) = s.ops.set_draining(true) {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -231,6 +236,7 @@ async fn undrain(State(s): State<AdminState>) -> Response {
         );
     }
     set_serving(&s, true).await;
+    s.lb.undrain();
     tracing::info!("node serving again");
     drain_reply(&s)
 }

@@ -31,6 +31,11 @@ pub struct ServerConfig {
     pub admin_addr: SocketAddr,
     /// Bound on waiting for in-flight requests at shutdown.
     pub shutdown_grace_ms: u64,
+    /// Load-balancer gRPC address: the same services as `grpc_addr`, but
+    /// closed while the node is draining (connects are refused, so nginx
+    /// fails over before it sends a request) and open again on undrain.
+    /// Point load balancers here. Unset: no such listener.
+    pub lb_grpc_addr: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -159,6 +164,7 @@ impl Default for ServerConfig {
             grpc_addr: "127.0.0.1:18181".parse().expect("static address"),
             admin_addr: "127.0.0.1:18180".parse().expect("static address"),
             shutdown_grace_ms: 10_000,
+            lb_grpc_addr: None,
         }
     }
 }

@@ -5,6 +5,8 @@
 //! - `wal_link`: the only module that speaks walld's protocol.
 //! - `grpc`: the public `stemedb.v1.Store` service.
 //! - `admin`: health, status and metrics over HTTP.
+//! - `listeners`: socket activation and the load-balancer listener that
+//!   follows the drain state.
 //! - `server`: wiring of all of the above; `main.rs` only parses flags.
 
 pub mod admin;
@@ -13,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod devmode;
 pub mod grpc;
+pub mod listeners;
 pub mod metrics;
 pub mod ops;
 pub mod server;

@@ -10,6 +10,7 @@ use crate::checkpoint::{self, CheckpointStats};
 use crate::config::Config;
 use crate::devmode::{self, ChildWalld};
 use crate::grpc::StoreService;
+use crate::listeners;
 use crate::ops::Ops;
 use crate::store::{Store, StoreConfig};
 use crate::tls;
@@ -19,7 +20,6 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stemedb_proto::store::v1::store_server::StoreServer;
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -85,12 +85,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     ));
     tokio::spawn(purge_idempotency_keys(store.clone()));
 
-    let grpc_listener = TcpListener::bind(config.server.grpc_addr)
-        .await
-        .with_context(|| format!("cannot bind gRPC on {}", config.server.grpc_addr))?;
-    let admin_listener = TcpListener::bind(config.server.admin_addr)
-        .await
-        .with_context(|| format!("cannot bind admin HTTP on {}", config.server.admin_addr))?;
+    let (grpc_listener, admin_listener) = listeners::api_listeners(&config.server).await?;
     println!(
         "stemed serving: gRPC {} admin http://{} data {}",
         grpc_listener.local_addr()?,
@@ -99,6 +94,38 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    // The public listener and the load-balancer listener serve the same
+    // services; each server instance gets its own parts.
+    let grpc_parts = {
+        let (ops, write_path, store, hub) =
+            (ops.clone(), write_path.clone(), store.clone(), hub.clone());
+        let (health, limits) = (health.clone(), config.limits.clone());
+        move || GrpcParts {
+            service: StoreService {
+                ops: ops.clone(),
+                write_path: write_path.clone(),
+                store: store.clone(),
+                hub: hub.clone(),
+                limits: limits.clone(),
+            },
+            health: health.clone(),
+            auth: grpc_auth.clone(),
+            tls: grpc_tls.clone(),
+            draining: ops.draining(),
+            message_bytes_max: limits.grpc_message_bytes_max,
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let lb = {
+        let (parts, health_service) = (grpc_parts.clone(), health_service.clone());
+        listeners::LbListener::start(
+            config.server.lb_grpc_addr,
+            ops.draining(),
+            stop_rx.clone(),
+            move |incoming, stop| serve_grpc(incoming, parts(), health_service.clone(), stop),
+        )
+        .await?
+    };
     let admin_state = AdminState {
         ops: ops.clone(),
         auth: admin_auth,
@@ -106,34 +133,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         write_path: write_path.clone(),
         store: store.clone(),
         hub: hub.clone(),
+        lb: lb.clone(),
         checkpoints,
         started,
         wal_socket: socket.clone(),
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         admin::router(admin_state),
         admin_tls,
         stop_rx.clone(),
     ));
-    let service = StoreService {
-        ops: ops.clone(),
-        write_path: write_path.clone(),
-        store: store.clone(),
-        hub,
-        limits: config.limits.clone(),
-    };
     let grpc = tokio::spawn(serve_grpc(
-        grpc_listener,
-        GrpcParts {
-            service,
-            health,
-            auth: grpc_auth,
-            tls: grpc_tls,
-            draining: ops.draining(),
-            message_bytes_max: config.limits.grpc_message_bytes_max,
-        },
+        TcpListenerStream::new(grpc_listener),
+        grpc_parts(),
         health_service,
         stop_rx,
     ));
@@ -145,6 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let _ = tokio::time::timeout(grace, grpc).await;
+    let _ = tokio::time::timeout(grace, lb.closed()).await;
     let _ = tokio::time::timeout(grace, admin).await;
     write_path.close().await;
     let flushed = store.flush_async().await?;
@@ -164,12 +178,16 @@ struct GrpcParts {
     message_bytes_max: usize,
 }
 
-async fn serve_grpc<H: tonic_health::pb::health_server::Health>(
-    listener: TcpListener,
+async fn serve_grpc<H, I>(
+    incoming: I,
     parts: GrpcParts,
     health_service: tonic_health::pb::health_server::HealthServer<H>,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    H: tonic_health::pb::health_server::Health,
+    I: futures::Stream<Item = std::io::Result<tokio::net::TcpStream>>,
+{
     let health = parts.health;
     if parts.draining {
         health.set_not_serving::<StoreServer<StoreService>>().await;
@@ -187,7 +205,6 @@ async fn serve_grpc<H: tonic_health::pb::health_server::Health>(
     if let Some(tls) = parts.tls {
         builder = builder.tls_config(tls).context("invalid TLS config")?;
     }
-    let incoming = TcpListenerStream::new(listener);
     builder
         .tcp_nodelay(true)
         .layer(GrpcAuthLayer(parts.auth))
