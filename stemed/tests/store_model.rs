@@ -511,6 +511,25 @@ fn fill_in_batches(store: &Store, txs: u64, per_tx: u64, batch_txs: usize) {
     }
 }
 
+/// Applies `n` more single-assertion transactions about `entity`.
+fn fill_history(store: &Store, entity: &str, n: u64) {
+    let first = store.applied_lsn() + 1;
+    let records: Vec<(u64, TxRecord)> = (0..n)
+        .map(|i| {
+            let a = fact_assertion(entity.to_string(), "n", Value::Int64(i as i64));
+            (
+                first + i,
+                TxRecord {
+                    idempotency_key: None,
+                    recorded_at_micros: 0,
+                    assertions: vec![a],
+                },
+            )
+        })
+        .collect();
+    store.apply(&records).unwrap();
+}
+
 #[test]
 fn page_tokens_are_authenticated_and_bound_to_params() {
     let dir = tempfile::tempdir().unwrap();
@@ -590,6 +609,50 @@ fn page_tokens_are_authenticated_and_bound_to_params() {
             assert_eq!(p, store.query(&q, Some(&token)).unwrap());
         }
     }
+    // History tokens are bound to entity, attribute and bounds too.
+    let h = HistoryParams {
+        entity: "e000001".into(),
+        attribute: None,
+        since_tx: None,
+        until_tx: None,
+        limit: 1,
+    };
+    fill_history(&store, "e000001", 3);
+    let htoken = store
+        .history(&h, None)
+        .unwrap()
+        .next_page_token
+        .expect("more than one page");
+    assert!(store.history(&h, Some(&htoken)).is_ok());
+    let others = [
+        HistoryParams {
+            entity: "e000002".into(),
+            ..h.clone()
+        },
+        HistoryParams {
+            attribute: Some("n".into()),
+            ..h.clone()
+        },
+        HistoryParams {
+            since_tx: Some(1),
+            ..h.clone()
+        },
+        HistoryParams {
+            until_tx: Some(100),
+            ..h.clone()
+        },
+    ];
+    for other in &others {
+        assert!(
+            rejected(store.history(other, Some(&htoken))),
+            "history token accepted for {other:?}"
+        );
+    }
+    assert!(
+        rejected(store.query(&q, Some(&htoken))),
+        "history token accepted by query"
+    );
+
     // Tokens stay valid across a reopen: the secret is stored.
     let expected = store.query(&q, Some(&token)).unwrap();
     drop(store);

@@ -434,6 +434,39 @@ pub(crate) mod tests {
         }
     }
 
+    /// The WAL format is a compatibility promise: records written by an
+    /// older build must decode. A change here needs a new version byte.
+    #[test]
+    fn golden_record_bytes() {
+        let rec = TxRecord {
+            idempotency_key: Some("k".into()),
+            recorded_at_micros: 2,
+            assertions: vec![Assertion {
+                entity: "e".into(),
+                attribute: "a".into(),
+                value: Value::Int64(-1),
+                source: "s".into(),
+                confidence: Some(0.5),
+                op: Op::Retract,
+            }],
+        };
+        let body: Vec<u8> = [
+            &[TX_MAGIC, TX_VERSION, 1][..],
+            &2i64.to_be_bytes(),
+            &[0, 0, 0, 1, b'k'],
+            &[0, 0, 0, 1],
+            &[2, 0, 0, 0, 1, b'e', 0, 0, 0, 1, b'a', 0, 0, 0, 1, b's', 1],
+            &0.5f64.to_bits().to_be_bytes(),
+            &[TAG_INT64],
+            &(-1i64).to_be_bytes(),
+        ]
+        .concat();
+        let mut golden = body.clone();
+        golden.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+        assert_eq!(encode_tx(&rec), golden);
+        assert_eq!(decode_tx(&golden).unwrap(), rec);
+    }
+
     #[test]
     fn names_what_is_wrong() {
         let rec = TxRecord {
