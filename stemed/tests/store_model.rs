@@ -765,13 +765,24 @@ fn crash_recovery_is_atomic_and_replayable() {
         for _ in 0..rng.gen_range(1..30) {
             apply_random_batch(&store, &mut model, &mut rng, &mut clock);
         }
-        if rng.gen_bool(0.5) {
-            store.flush().unwrap();
-        }
+        // Whatever `flush` returned must survive the crash.
+        let durable_lsn = if rng.gen_bool(0.5) {
+            store.flush().unwrap()
+        } else {
+            0
+        };
         let crash = tempfile::tempdir().unwrap();
         copy_dir(dir.path(), crash.path());
         let recovered = Store::open(config(crash.path(), 4)).unwrap();
         let lsn = recovered.applied_lsn();
+        println!(
+            "round {round}: applied {}, flushed {durable_lsn}, recovered {lsn}",
+            model.applied()
+        );
+        assert!(
+            lsn >= durable_lsn,
+            "round {round}: flushed {durable_lsn} but recovered {lsn}"
+        );
         assert!(
             lsn <= model.applied(),
             "round {round}: recovered lsn {lsn} beyond applied {}",
