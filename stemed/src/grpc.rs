@@ -66,9 +66,12 @@ impl pb::store_server::Store for StoreService {
         if req.entity.is_empty() {
             return Err(Status::invalid_argument("entity: required"));
         }
-        let store = self.store.clone();
-        let entity = req.entity.clone();
-        let (facts, basis_tx) = blocking(move || store.get(&entity, req.as_of_tx)).await?;
+        // Inline rather than on the blocking pool: one entity's facts are a
+        // short prefix scan (or a cache hit), cheaper than the hand-off.
+        let (facts, basis_tx) = self
+            .store
+            .get(&req.entity, req.as_of_tx)
+            .map_err(store_status)?;
         Ok(Response::new(pb::GetResponse {
             entity: req.entity,
             facts: facts.into_iter().map(fact_to_pb).collect(),

@@ -41,29 +41,24 @@ impl Applier {
         }
     }
 
-    pub async fn run(mut self) {
-        while let Some(batch) = self.rx.recv().await {
-            self.apply(batch).await;
+    /// Runs on its own OS thread: sled's apply is synchronous, and a
+    /// dedicated thread saves a hand-off to the blocking pool per batch.
+    pub fn run(mut self) {
+        while let Some(batch) = self.rx.blocking_recv() {
+            self.apply(batch);
         }
     }
 
-    async fn apply(&mut self, batch: ApplyBatch) {
+    fn apply(&mut self, batch: ApplyBatch) {
         let ApplyBatch { first_lsn, txs } = batch;
         let (records, replies): (Vec<(u64, TxRecord)>, Vec<Option<Reply>>) = txs
             .into_iter()
             .enumerate()
             .map(|(i, (r, reply))| ((first_lsn + i as u64, r), reply))
             .unzip();
-        let store = self.store.clone();
-        let joined = tokio::task::spawn_blocking(move || {
-            let outcomes = store.apply(&records);
-            (records, outcomes)
-        })
-        .await;
-        let (records, outcomes) = match joined {
-            Ok((records, Ok(outcomes))) => (records, outcomes),
-            Ok((_, Err(e))) => fatal(&format!("applying LSN {first_lsn}: {e}")),
-            Err(e) => fatal(&format!("apply task for LSN {first_lsn} panicked: {e}")),
+        let outcomes = match self.store.apply(&records) {
+            Ok(outcomes) => outcomes,
+            Err(e) => fatal(&format!("applying LSN {first_lsn}: {e}")),
         };
         assert_eq!(outcomes.len(), records.len(), "one outcome per record");
         let last_lsn = first_lsn + records.len() as u64 - 1;

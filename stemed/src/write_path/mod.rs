@@ -173,7 +173,16 @@ impl WritePath {
             shutdown.clone(),
         );
         let applier = applier::Applier::new(store.clone(), apply_rx, hub, counters.clone());
-        let tasks = vec![tokio::spawn(batcher.run()), tokio::spawn(applier.run())];
+        let applier = std::thread::Builder::new()
+            .name("stemed-apply".into())
+            .spawn(move || applier.run())
+            .expect("spawn the applier thread");
+        let tasks = vec![
+            tokio::spawn(batcher.run()),
+            tokio::task::spawn_blocking(move || {
+                let _ = applier.join();
+            }),
+        ];
         Arc::new(WritePath {
             bytes_in_flight: Semaphore::new(limits.write_bytes_in_flight_max),
             bytes_in_flight_max: limits.write_bytes_in_flight_max,
