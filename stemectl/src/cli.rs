@@ -291,9 +291,9 @@ pub struct WriteArgs {
     /// Read facts from a file of JSON lines (`-`: stdin) instead.
     #[arg(long, value_name = "PATH", conflicts_with = "idempotency_key")]
     pub file: Option<std::path::PathBuf>,
-    /// Lines per transaction with --file.
-    #[arg(long, default_value_t = 1000, requires = "file", value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub batch: u32,
+    /// Lines per transaction with --file [default: 1000].
+    #[arg(long, value_name = "N", requires = "file", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: Option<u32>,
     /// How to read VALUE (with --file, each line has its own "type").
     #[arg(long = "type", value_enum, default_value_t = ValueType::Text, conflicts_with = "file")]
     pub value_type: ValueType,
@@ -398,5 +398,54 @@ mod tests {
             (b.concurrency, b.duration, b.warmup),
             (16, Duration::from_secs(1), Duration::ZERO)
         );
+    }
+
+    #[test]
+    fn node_commands_and_output_alias_parse() {
+        let cli = Cli::try_parse_from(["stemectl", "--output", "text", "drain", "--wait"]).unwrap();
+        assert_eq!(cli.output, Output::Table);
+        let Command::Drain { wait, wait_timeout } = cli.command else {
+            panic!("not drain")
+        };
+        assert_eq!((wait, wait_timeout), (true, Duration::from_secs(60)));
+        let cli = Cli::try_parse_from(["stemectl", "rate-limit", "set", "500"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::RateLimit(RateLimitCommand::Set {
+                max_writes_per_sec: 500
+            })
+        ));
+        for bad in [
+            &["stemectl", "rate-limit", "set", "0"][..],
+            &["stemectl", "rate-limit"],
+            &["stemectl", "wal"],
+            &["stemectl", "drain", "--wait-timeout", "5s"],
+            &["stemectl", "--client-cert", "c.pem", "status"],
+            &["stemectl", "--output", "yaml", "status"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn file_replaces_the_positional_fact() {
+        let cli =
+            Cli::try_parse_from(["stemectl", "assert", "--file", "-", "--batch", "10"]).unwrap();
+        let Command::Assert(w) = cli.command else {
+            panic!("not assert")
+        };
+        assert_eq!(
+            (w.file.as_deref(), w.batch, w.entity),
+            (Some(std::path::Path::new("-")), Some(10), None)
+        );
+        for bad in [
+            &["stemectl", "assert"][..],
+            &["stemectl", "assert", "e", "a"],
+            &["stemectl", "assert", "e", "a", "v", "--file", "f"],
+            &["stemectl", "assert", "--file", "f", "--type", "int"],
+            &["stemectl", "assert", "--file", "f", "--batch", "0"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?} parsed");
+        }
     }
 }

@@ -126,7 +126,20 @@ async fn write(
             op: if retract { Op::Retract } else { Op::Assert },
             source: w.source.clone(),
         };
-        return load::run(&client, path, w.batch as usize, &defaults, cli.output, out).await;
+        return load::run(
+            &client,
+            path,
+            w.batch.unwrap_or(load::BATCH_DEFAULT) as usize,
+            &defaults,
+            cli.output,
+            out,
+        )
+        .await;
+    }
+    if w.batch.is_some() {
+        // clap's `requires` does not catch this one, next to the
+        // positionals' `required_unless_present`.
+        return Err(UsageError("--batch applies only with --file".into()).into());
     }
     // clap requires all three positionals unless --file is given.
     let (Some(entity), Some(attribute), Some(raw)) = (&w.entity, &w.attribute, &w.value) else {

@@ -24,6 +24,8 @@ use crate::cli::Output;
 use crate::exit::UsageError;
 use crate::value::{parse_value, ValueType};
 
+/// Lines per transaction unless `--batch` says otherwise.
+pub const BATCH_DEFAULT: u32 = 1000;
 /// The longest accepted line, in bytes (a value may be large, but a line
 /// past this is a file that is not JSON lines).
 const LINE_BYTES_MAX: usize = 64 * 1024 * 1024;

@@ -1,5 +1,11 @@
 //! stemectl: the StemeDB command-line client. `main` only parses, picks the
 //! runtime and turns the outcome into an exit code.
+//!
+//! Code map: `cli` (flags, parsing only), `commands` (dispatch and the data
+//! subcommands), `node` (drain, rate limit, status over admin HTTP), `load`
+//! (`--file` JSON lines), `bench` (load generator), `admin` (the admin
+//! HTTP/1.1 client), `connect` (gRPC channel: TLS, token), `output` and
+//! `value` (rendering and typed values), `exit` (exit codes and hints).
 
 mod admin;
 mod bench;

@@ -255,6 +255,7 @@ async fn assert_file_loads_in_batches_and_a_rerun_is_deduplicated() {
     // Usage errors: no fact and no file, a fact and a file.
     ctl.fails(2, &["assert"]);
     ctl.fails(2, &["assert", "e", "a", "v", "--file", path]);
+    ctl.fails(2, &["assert", "e", "a", "v", "--batch", "5"]);
     let stderr = ctl.fails(2, &["assert", "--file", "/nonexistent/facts.jsonl"]);
     assert!(stderr.contains("cannot open"), "{stderr}");
 }
