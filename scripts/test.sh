@@ -15,9 +15,13 @@ started=$(date +%s)
 step "system packages"
 need=()
 command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v python3 >/dev/null || need+=(python3 python3-venv)
 command -v npm >/dev/null || need+=(npm)
 command -v curl >/dev/null || need+=(curl)
+command -v nginx >/dev/null || need+=(nginx)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v promtool >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
