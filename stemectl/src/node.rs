@@ -57,7 +57,9 @@ async fn wait_for_no_writes(
             .as_u64()
             .ok_or_else(|| ServerError(format!("status has no writes_in_flight count: {last}")))?;
         if in_flight == 0 {
-            eprintln!("drain: no writes in flight after {:.1?}", started.elapsed());
+            if printed != started {
+                eprintln!("drain: no writes in flight after {:.1?}", started.elapsed());
+            }
             return Ok(json!({"state": last["state"], "writes_in_flight": 0}));
         }
         if started.elapsed() >= wait_timeout {
