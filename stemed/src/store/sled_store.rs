@@ -238,13 +238,14 @@ impl Store {
         for (pos, a) in rec.assertions.iter().enumerate() {
             let pos = u32::try_from(pos)
                 .map_err(|_| corrupt(format!("tx {lsn} has more than u32::MAX assertions")))?;
-            let payload = keys::encode_claim_payload(a, rec.recorded_at_micros);
+            // One IVec per payload, shared (reference-counted) by its keys.
+            let payload = IVec::from(keys::encode_claim_payload(a, rec.recorded_at_micros));
             for k in keys::claim_keys(a, lsn, pos) {
-                staged.batch.insert(k, payload.as_slice());
+                staged.batch.insert(k, payload.clone());
             }
-            let history = keys::encode_history_payload(a, rec.recorded_at_micros);
+            let history = IVec::from(keys::encode_history_payload(a, rec.recorded_at_micros));
             for k in keys::history_keys(a, lsn, pos) {
-                staged.batch.insert(k, history.as_slice());
+                staged.batch.insert(k, history.clone());
             }
             if !staged.touched.contains(&a.entity) {
                 staged.touched.insert(a.entity.clone());
