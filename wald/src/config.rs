@@ -94,6 +94,9 @@ pub struct Cli {
     /// Time to let in-flight answers flush before a fatal exit (code 70), in ms. Default: 200
     #[arg(long, env = "STEMEDB_WALLD_FATAL_EXIT_DELAY_MS")]
     pub fatal_exit_delay_ms: Option<u64>,
+    /// Log format on stderr: text or json. Default: text
+    #[arg(long, env = "STEMEDB_WALLD_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 /// The config file. Every key is optional; unknown keys are rejected.

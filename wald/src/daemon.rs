@@ -39,37 +39,34 @@ pub mod exit {
 
 /// Runs walld; returns the exit code.
 pub fn main() -> i32 {
-    init_tracing();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
-    let config = match Config::load(cli) {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!("invalid configuration: {e:#}");
-            return exit::CONFIG;
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
+            eprintln!("walld: cannot start the runtime: {e}");
             return exit::FAILURE;
         }
     };
-    runtime.block_on(run(config))
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STEMEDB_WALLD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter)
-        .init();
+    // Telemetry starts on the runtime (the OTLP channel lives there) and is
+    // flushed before the runtime stops.
+    let telemetry = {
+        let _on_runtime = runtime.enter();
+        crate::telemetry::init(cli.log_format.as_deref() == Some("json"))
+    };
+    let code = match Config::load(cli) {
+        Ok(config) => runtime.block_on(run(config)),
+        Err(e) => {
+            tracing::error!("invalid configuration: {e:#}");
+            exit::CONFIG
+        }
+    };
+    telemetry.shutdown();
+    code
 }
 
 async fn run(config: Config) -> i32 {
@@ -223,6 +220,7 @@ async fn serve(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             health, check,
         ));
+    let signal = shutdown_signal();
     spawn_fail_stop(
         &committer,
         Duration::from_millis(config.fatal_exit_delay_ms),
@@ -234,7 +232,7 @@ async fn serve(
         "walld ready"
     );
     let stop = async move {
-        wait_for_signal().await;
+        signal.await;
         tracing::info!("shutting down: draining in-flight appends");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         let _ = shutdown_tx.send(true);
@@ -291,17 +289,23 @@ fn spawn_watchdog() {
     });
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM/SIGINT handlers now (before READY=1, so an early
+/// SIGTERM is never the default "terminate"), and returns a future that
+/// completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

@@ -17,3 +17,4 @@ pub mod privilege;
 pub mod record;
 pub mod recovery;
 pub mod segment;
+pub mod telemetry;

@@ -244,7 +244,8 @@ async fn peers_with_other_uids_are_rejected() {
     let socket_mode = std::fs::metadata(&walld.socket)
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
     assert_eq!(socket_mode.unwrap() & 0o777, 0o660);
-    assert!(walld.stop().success());
+    let code = walld.stop();
+    assert!(code.success(), "{code}: {}", walld.log());
     assert!(walld.log().contains("peer rejected"), "{}", walld.log());
 }
 
