@@ -83,7 +83,7 @@ pub struct Cli {
     #[arg(long, env = "STEMEDB_WALLD_GROUP")]
     pub group: Option<String>,
     /// Keep running as root (otherwise walld refuses). Default: false
-    #[arg(long, env = "STEMEDB_WALLD_ALLOW_ROOT")]
+    #[arg(long, env = "STEMEDB_WALLD_ALLOW_ROOT", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_root: bool,
     /// Peer uids allowed to connect, comma-separated. Default: walld's own uid and 0 (root)
     #[arg(long, env = "STEMEDB_WALLD_ALLOWED_UIDS", value_delimiter = ',')]

@@ -77,6 +77,44 @@ impl WalShared {
     }
 }
 
+/// Trace ids named in one slow-fsync warning, at most.
+const SLOW_FSYNC_TRACE_IDS_MAX: usize = 32;
+
+/// `wal.group`: a child of the group's first traced append, linked from
+/// the others, so every request's trace shows the group and its fsync.
+fn group_span(appends: &[AppendJob]) -> tracing::Span {
+    let first = appends
+        .iter()
+        .find(|a| crate::telemetry::has_trace(&a.span))
+        .and_then(|a| a.span.id());
+    let records: usize = appends.iter().map(|a| a.records.len()).sum();
+    let span =
+        tracing::info_span!(parent: first.clone(), "wal.group", appends = appends.len(), records);
+    for a in appends {
+        if a.span.id().is_some() && a.span.id() != first {
+            span.follows_from(&a.span);
+        }
+    }
+    span
+}
+
+/// The distinct trace ids of a group's appends, comma-separated and bounded.
+fn group_trace_ids(appends: &[AppendJob]) -> String {
+    let mut ids: Vec<String> = Vec::new();
+    for a in appends {
+        if ids.len() == SLOW_FSYNC_TRACE_IDS_MAX {
+            break;
+        }
+        if crate::telemetry::has_trace(&a.span) {
+            let id = crate::telemetry::trace_id(&a.span);
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids.join(",")
+}
+
 /// What an acknowledged append gets back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendAck {
@@ -92,6 +130,8 @@ struct AppendJob {
     no_sync: bool,
     reply: oneshot::Sender<Result<AppendAck>>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    /// The caller's span (`wal.append`), for the group's trace.
+    span: tracing::Span,
 }
 
 enum Job {
@@ -343,6 +383,7 @@ impl Committer {
             no_sync,
             reply,
             _permits: (depth, Some(bytes_permit)),
+            span: tracing::Span::current(),
         };
         self.enqueue(Job::Append(job), rx).await
     }
@@ -482,6 +523,8 @@ impl Writer {
         if appends.is_empty() && syncs.is_empty() {
             return;
         }
+        let group = group_span(&appends);
+        let _in_group = group.enter();
         let batch: Vec<&[Bytes]> = appends.iter().map(|a| &a.records[..]).collect();
         let outcome = self.log.write_batch(&batch);
         drop(batch);
@@ -492,7 +535,7 @@ impl Writer {
         let records: u64 = outcome.ranges.iter().map(|(f, l)| l - f + 1).sum();
         let need_sync = !syncs.is_empty() || appends[..written].iter().any(|a| !a.no_sync);
         let synced = if need_sync {
-            self.sync_group(outcome.bytes, records)
+            self.sync_group(outcome.bytes, records, &appends)
         } else {
             Ok(())
         };
@@ -534,14 +577,19 @@ impl Writer {
     }
 
     /// fdatasync for a group; warns when slow; fail-stops on error.
-    fn sync_group(&mut self, bytes: usize, records: u64) -> Result<()> {
-        match self.log.sync() {
+    /// The warning names the trace ids of the requests in the group, so a
+    /// slow write's trace can be found from the log line.
+    fn sync_group(&mut self, bytes: usize, records: u64, appends: &[AppendJob]) -> Result<()> {
+        let fsync = tracing::info_span!("wal.fsync", bytes, records);
+        match fsync.in_scope(|| self.log.sync()) {
             Ok(took) => {
                 if let Some(took) = took.filter(|t| *t >= self.config.slow_fsync) {
+                    let trace_ids = group_trace_ids(appends);
                     tracing::warn!(
                         duration_ms = took.as_secs_f64() * 1e3,
                         bytes,
                         records,
+                        trace_ids = %trace_ids,
                         "slow fsync: {:.1} ms for {bytes} bytes, {records} records",
                         took.as_secs_f64() * 1e3
                     );
@@ -624,6 +672,7 @@ mod tests {
             no_sync: false,
             reply,
             _permits: permits,
+            span: tracing::Span::none(),
         })
     }
 

@@ -117,13 +117,18 @@ impl pb::wal_server::Wal for WalService {
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
         let deadline = grpc_timeout(&request);
+        // The caller's trace continues here; the writer's `wal.group` span
+        // picks this one up as the current span of the queued job.
+        let span = crate::telemetry::request_span("wal.append", request.metadata());
         let request = request.into_inner();
         let records: Vec<Bytes> = request.records.into_iter().map(Bytes::from).collect();
-        let ack = self
-            .committer
-            .append(request.epoch, records, request.no_sync, deadline)
-            .await
-            .map_err(|e| self.err(e))?;
+        let ack = tracing::Instrument::instrument(
+            self.committer
+                .append(request.epoch, records, request.no_sync, deadline),
+            span,
+        )
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(Response::new(pb::AppendResponse {
             first_lsn: ack.first_lsn,
             last_lsn: ack.last_lsn,

@@ -103,7 +103,11 @@ impl Extractor for MetadataExtract<'_> {
 /// Its `trace_id` field is printed with every log line inside it.
 pub fn request_span(name: &'static str, metadata: &tonic::metadata::MetadataMap) -> tracing::Span {
     let parent = TraceContextPropagator::new().extract(&MetadataExtract(metadata));
-    let span = tracing::info_span!("wal.request", otel.name = name, trace_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "wal.request",
+        otel.name = name,
+        trace_id = tracing::field::Empty
+    );
     let _ = span.set_parent(parent);
     span.record("trace_id", trace_id(&span).as_str());
     span

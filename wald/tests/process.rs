@@ -655,3 +655,44 @@ async fn append_size_is_bounded_and_the_limit_is_named() {
     assert_eq!(records[0].1.len(), 50_000);
     assert_eq!(walld.stop().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_beat_env_beat_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("walld.toml");
+    std::fs::write(
+        &config,
+        "slow_fsync_ms = 7\nqueue_depth_max = 77\ngroup_commit_max_bytes = 4096\n",
+    )
+    .unwrap();
+    let mut walld = Walld::new(tmp.path());
+    let env = [
+        ("STEMEDB_WALLD_SLOW_FSYNC_MS", "9"),
+        ("STEMEDB_WALLD_QUEUE_DEPTH_MAX", "99"),
+        ("STEMEDB_WALLD_ALLOW_ROOT", "1"),
+    ];
+    walld.start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--queue-depth-max",
+            "111",
+        ],
+        &env,
+    );
+    let mut client = walld.client().await;
+    let config: BTreeMap<String, String> = status(&mut client)
+        .await
+        .config
+        .into_iter()
+        .map(|e| (e.key, e.value))
+        .collect();
+    assert_eq!(config["slow_fsync_ms"], "9", "env beats the file");
+    assert_eq!(config["queue_depth_max"], "111", "flags beat env");
+    assert_eq!(
+        config["group_commit_max_bytes"], "4096",
+        "the file beats defaults"
+    );
+    assert_eq!(config["append_bytes_max"], "16777216", "defaults");
+    assert_eq!(walld.stop().code(), Some(0));
+}
