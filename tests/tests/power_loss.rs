@@ -456,12 +456,12 @@ async fn eventually(what: &str, timeout: Duration, mut done: impl FnMut() -> boo
 }
 
 /// Every (entity -> [(tx, value)]) of one attribute of the workload.
-async fn facts_of(c: &Client, attribute: &str) -> HashMap<String, Vec<(u64, Value)>> {
+async fn facts_of(rig: &Rig, c: &Client, attribute: &str) -> HashMap<String, Vec<(u64, Value)>> {
     let facts: Vec<_> = c
         .query(Query::attribute(attribute).source(SOURCE).page_size(1000))
         .try_collect()
         .await
-        .expect("query the workload");
+        .unwrap_or_else(|e| panic!("query {attribute}: {e:?}\n{}", rig.logs()));
     let mut out: HashMap<String, Vec<(u64, Value)>> = HashMap::new();
     for f in facts {
         out.entry(f.entity).or_default().push((f.tx, f.value));
@@ -483,8 +483,8 @@ fn parse_entity(e: &str) -> Option<(usize, usize)> {
 /// all tx distinct. Returns the number of transactions present.
 async fn verify(rig: &Rig, seed: u64, acks: &Acks, sent: &[usize], ordered: bool) -> usize {
     let c = Client::connect(rig.grpc_url()).await.expect("connect");
-    let seqs = facts_of(&c, "seq").await;
-    let payloads = facts_of(&c, "payload").await;
+    let seqs = facts_of(rig, &c, "seq").await;
+    let payloads = facts_of(rig, &c, "payload").await;
     let ctx = || format!("seed {seed}\n{}", rig.logs());
     let mut by_writer: BTreeMap<usize, Vec<(usize, u64)>> = BTreeMap::new();
     for (e, v) in &seqs {
@@ -831,6 +831,7 @@ async fn truncate_until(
     stop: Arc<AtomicBool>,
 ) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut done_below = 0;
     while !stop.load(Ordering::Acquire) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(20..120))).await;
         let top = acks
@@ -841,15 +842,15 @@ async fn truncate_until(
             .copied()
             .unwrap_or(0);
         let below = (top as f64 * rng.gen_range(0.3..0.9)) as u64;
-        if below <= requested.load(Ordering::Acquire) {
+        if below <= done_below {
             continue;
         }
+        // Before sending: a truncation in flight at the power loss may or
+        // may not have happened.
         requested.fetch_max(below, Ordering::AcqRel);
-        if c.truncate(pb::TruncateRequest { below_lsn: below })
-            .await
-            .is_err()
-        {
-            return;
+        match c.truncate(pb::TruncateRequest { below_lsn: below }).await {
+            Ok(_) => done_below = below,
+            Err(_) => return,
         }
     }
 }
