@@ -495,6 +495,62 @@ fn startup_refusals_have_distinct_exit_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_is_logged_and_damage_can_be_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut walld = Walld::new(tmp.path());
+    walld.start(&[], &[]);
+    let mut client = walld.client().await;
+    let epoch = open_writer(&mut client, "torn").await;
+    for i in 0..5u8 {
+        append(&mut client, epoch, vec![vec![i + 1; 100]])
+            .await
+            .unwrap();
+    }
+    assert_eq!(walld.stop().code(), Some(0));
+    // A torn frame after the last record: cut and logged with file and offset.
+    let segment = walld.dir.join(wald::segment::file_name(1));
+    let tail = 4096 + 5 * 116;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x42; 30], tail as u64).unwrap();
+    walld.start(&[], &[]);
+    let log = walld.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("torn tail"))
+        .unwrap_or_else(|| panic!("no torn tail line:\n{log}"));
+    assert!(
+        line.contains(&segment.display().to_string()) && line.contains(&format!("offset={tail}")),
+        "{line}"
+    );
+    let mut client = walld.client().await;
+    assert_eq!(read_all(&mut client, 1).await.unwrap().len(), 5);
+    assert_eq!(walld.stop().code(), Some(0));
+    // Damage in record 2 (records 3.. follow): refused, then truncated on request.
+    let mut data = std::fs::read(&segment).unwrap();
+    data[4096 + 116 + 50] ^= 0xFF;
+    std::fs::write(&segment, &data).unwrap();
+    let (code, err) = run_to_exit(&walld, &["--allow-root"]);
+    assert_eq!(code, Some(65), "{err}");
+    walld.start(&["--recovery-mode", "truncate-at-damage"], &[]);
+    assert!(walld.log().contains("truncating the log at the damage"));
+    let mut client = walld.client().await;
+    let records = read_all(&mut client, 1).await.unwrap();
+    assert_eq!(records, vec![(1, vec![1u8; 100])]);
+    let epoch = open_writer(&mut client, "after").await;
+    assert_eq!(
+        append(&mut client, epoch, vec![b"next".to_vec()])
+            .await
+            .unwrap()
+            .first_lsn,
+        2
+    );
+    assert_eq!(walld.stop().code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drops_root_privileges_to_user() {
     assert!(
         nix::unistd::geteuid().is_root(),

@@ -151,9 +151,9 @@ impl Walld {
         false
     }
 
-    /// Everything walld wrote to stderr so far.
+    /// Everything walld wrote to stderr so far, without ANSI colour codes.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        strip_ansi(&std::fs::read_to_string(&self.stderr).unwrap_or_default())
     }
 
     pub fn pid(&self) -> nix::unistd::Pid {
@@ -297,4 +297,22 @@ pub fn check_acked(
         assert_eq!(got_lsn, lsn);
         assert!(got == data, "acknowledged LSN {lsn} changed");
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`) from log text.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        for d in chars.by_ref() {
+            if d.is_ascii_alphabetic() {
+                break;
+            }
+        }
+    }
+    out
 }
