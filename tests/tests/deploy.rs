@@ -313,6 +313,44 @@ async fn walld_and_stemed_run_socket_activated_like_the_units() {
         .unwrap();
     let view = lb_client.get("activated", None).await.unwrap();
     assert_eq!(view.facts[0].tx, receipt.tx);
+
+    // A socket unit with one ListenStream= line instead of two: stemed
+    // refuses to guess which socket is which and exits naming the layout.
+    let (only, lb2) = (free_port(), free_port());
+    let mut wrong = Activated::spawn(
+        &[format!("127.0.0.1:{only}")],
+        &[("STEMEDB_SERVER_LB_GRPC_ADDR", format!("127.0.0.1:{lb2}"))],
+        &bin("stemed"),
+        &[
+            "--config".into(),
+            deploy("config/api.toml").display().to_string(),
+            "--data-dir".into(),
+            d.join("data-wrong").display().to_string(),
+            "--wal-socket".into(),
+            wal_socket.display().to_string(),
+        ],
+        d.join("stemed-wrong.log"),
+    );
+    let deadline = Instant::now() + READY_TIMEOUT;
+    // Connects until systemd-socket-activate listens; the first one starts
+    // stemed.
+    while std::net::TcpStream::connect(("127.0.0.1", only)).is_err() {
+        assert!(Instant::now() < deadline, "no socket\n{}", wrong.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = loop {
+        if let Some(status) = wrong.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stemed ran with one passed socket\n{}",
+            wrong.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{}", wrong.log());
+    assert!(wrong.log().contains("needs exactly two"), "{}", wrong.log());
 }
 
 /// Every path under `root` with its type, owner, mode, size, mtime and
