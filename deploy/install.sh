@@ -102,12 +102,15 @@ dir() {
     [ "$(stat -c %u:%g "$p")" = "$2:$3" ] || chown "$2:$3" "$p"
     [ "$(stat -c %a "$p")" = "$4" ] || chmod "$4" "$p"
 }
-dir /etc/stemedb 0 "$gid_db" 750
+# Both daemons read their own file here (walld as stemedb-wal, stemed as
+# stemedb), so the directory is open and each file carries its own group.
+dir /etc/stemedb 0 0 755
 dir /var/lib/stemedb 0 0 755
 # The dedicated WAL disk's mount point (mount it before the first start).
 dir /var/lib/stemedb/wal "$uid_wal" "$gid_wal" 750
 dir /var/lib/stemedb/api "$uid_db" "$gid_db" 750
-dir /var/backups/stemedb 0 "$gid_db" 750
+# Entered by the backup jobs of both users; each subdirectory is closed.
+dir /var/backups/stemedb 0 0 755
 dir /var/backups/stemedb/snapshots "$uid_db" "$gid_db" 750
 # setgid: archived segments are readable by the verify job (group stemedb).
 dir /var/backups/stemedb/wal "$uid_wal" "$gid_db" 2750

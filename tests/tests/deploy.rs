@@ -440,7 +440,12 @@ fn install_script_is_idempotent_in_a_throwaway_root() {
     };
     assert_eq!(stat("/var/lib/stemedb/wal"), (uid_wal, gid_wal, 0o750));
     assert_eq!(stat("/var/lib/stemedb/api"), (uid_db, gid_db, 0o750));
-    assert_eq!(stat("/etc/stemedb"), (0, gid_db, 0o750));
+    assert_eq!(stat("/etc/stemedb"), (0, 0, 0o755));
+    assert_eq!(stat("/var/backups/stemedb"), (0, 0, 0o755));
+    assert_eq!(
+        stat("/var/backups/stemedb/snapshots"),
+        (uid_db, gid_db, 0o750)
+    );
     assert_eq!(stat("/etc/stemedb/api.toml"), (0, gid_db, 0o640));
     assert_eq!(stat("/etc/stemedb/walld.toml"), (0, gid_wal, 0o640));
     assert_eq!(stat("/var/backups/stemedb/wal"), (uid_wal, gid_db, 0o2750));
@@ -465,6 +470,47 @@ fn install_script_is_idempotent_in_a_throwaway_root() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");
+
+    // Each daemon's user reaches what its unit needs and nothing of the
+    // other's (test(1) as that uid and gid, with no supplementary groups).
+    std::fs::set_permissions(r, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let can = |uid: u32, gid: u32, test: &str, path: &str| {
+        Command::new("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+                "test",
+                test,
+            ])
+            .arg(r.join(path))
+            .status()
+            .unwrap()
+            .success()
+    };
+    let wal = (uid_wal, gid_wal);
+    let api = (uid_db, gid_db);
+    for (who, test, path, expected) in [
+        (wal, "-r", "etc/stemedb/walld.toml", true),
+        (wal, "-w", "var/lib/stemedb/wal", true),
+        (wal, "-w", "var/backups/stemedb/wal", true),
+        (wal, "-r", "etc/stemedb/api.toml", false),
+        (wal, "-w", "var/lib/stemedb/api", false),
+        (api, "-r", "etc/stemedb/api.toml", true),
+        (api, "-w", "var/lib/stemedb/api", true),
+        (api, "-w", "var/backups/stemedb/snapshots", true),
+        (api, "-x", "var/backups/stemedb/wal", true),
+        (api, "-r", "etc/stemedb/walld.toml", false),
+        (api, "-x", "var/lib/stemedb/wal", false),
+        (api, "-w", "var/backups/stemedb/wal", false),
+    ] {
+        assert_eq!(
+            can(who.0, who.1, test, path),
+            expected,
+            "uid {} test {test} {path}",
+            who.0
+        );
+    }
 
     // An operator edits the config; a second run must keep the edit and
     // change nothing at all.
