@@ -64,6 +64,7 @@ pub fn router(state: AdminState) -> Router {
             "/v1/admin/rate-limit",
             get(get_rate_limit).post(set_rate_limit),
         )
+        .route("/v1/admin/export", get(export))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -296,13 +297,63 @@ async fn set_rate_limit(State(s): State<AdminState>, body: Bytes) -> Response {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct ExportParams {
+    /// The export's basis; default: the applied LSN when the export starts.
+    to_lsn: Option<u64>,
+}
+
+/// `GET /v1/admin/export[?to_lsn=N]`: every committed transaction up to the
+/// basis LSN, as a framed stream (`export.rs`), generated page by page so
+/// memory stays bounded. The basis is in the `x-stemedb-basis-lsn` header
+/// and the stream's own header.
+async fn export(
+    State(s): State<AdminState>,
+    axum::extract::Query(p): axum::extract::Query<ExportParams>,
+) -> Response {
+    let applied = s.store.applied_lsn();
+    let basis = p.to_lsn.unwrap_or(applied);
+    if basis > applied {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("to_lsn: {basis} is beyond the applied LSN {applied}"),
+        );
+    }
+    let store = s.store.clone();
+    let header = crate::export::encode_header(basis);
+    let pages = futures::stream::unfold(Some(1u64), move |from| {
+        let store = store.clone();
+        async move {
+            let from = from?;
+            let page = tokio::task::spawn_blocking(move || {
+                crate::export::export_page(&store, from, basis)
+            })
+            .await;
+            match page {
+                Ok(Ok((bytes, next))) => Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), next)),
+                Ok(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(
+        futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(header)) }),
+        pages,
+    );
+    let mut r = axum::body::Body::from_stream(body).into_response();
+    r.headers_mut().insert(
+        "x-stemedb-basis-lsn",
+        basis.to_string().parse().expect("digits"),
+    );
+    r.headers_mut().insert(
+        "content-type",
+        "application/octet-stream".parse().expect("static"),
+    );
+    r
+}
+
 async fn metrics(State(s): State<AdminState>) -> Response {
-    let mut text = crate::metrics::render(&s).await;
-    text.push_str(&format!(
-        "# HELP stemedb_api_rate_limited_total Requests refused by a rate limit.\n# TYPE stemedb_api_rate_limited_total counter\nstemedb_api_rate_limited_total {}\n# HELP stemedb_node_draining 1 while the node is draining.\n# TYPE stemedb_node_draining gauge\nstemedb_node_draining {}\n",
-        s.ops.rate_limited.load(Ordering::Relaxed),
-        u8::from(s.ops.draining())
-    ));
+    let text = crate::metrics::render(&s).await;
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -7,6 +7,7 @@
 //! - `admin`: health, status and metrics over HTTP.
 //! - `listeners`: socket activation and the load-balancer listener that
 //!   follows the drain state.
+//! - `telemetry`: logs, traces (OTLP) and the gRPC request layer.
 //! - `server`: wiring of all of the above; `main.rs` only parses flags.
 
 pub mod admin;
@@ -14,12 +15,14 @@ pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod devmode;
+pub mod export;
 pub mod grpc;
 pub mod listeners;
 pub mod metrics;
 pub mod ops;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod wal_link;
 pub mod watch_hub;

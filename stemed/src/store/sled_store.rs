@@ -167,24 +167,93 @@ impl Store {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        let last_lsn = self.applied_lsn() + records.len() as u64;
+        self.apply_inner(records, true, last_lsn)
+    }
+
+    /// Restore path: applies transactions exported from another store
+    /// ([`Store::export_transactions`]), whose LSNs increase but may have
+    /// gaps (LSNs the source consumed for duplicate records), then sets
+    /// `applied_lsn` to `through_lsn`. Atomic like [`Store::apply`].
+    pub fn import(
+        &self,
+        records: &[(u64, TxRecord)],
+        through_lsn: u64,
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        if let Some((last, _)) = records.last() {
+            if *last > through_lsn {
+                return Err(StoreError::LsnOrder {
+                    expected: through_lsn,
+                    got: *last,
+                });
+            }
+        }
+        self.apply_inner(records, false, through_lsn)
+    }
+
+    /// Raw transaction-log entries `(tx, encoded record)` with `from_tx <=
+    /// tx <= to_tx` (clamped to `applied_lsn`), at most `limit`. The log is
+    /// append-only and every entry is immutable, so paging through it while
+    /// writes continue yields a consistent export as of `to_tx`.
+    pub fn export_transactions(
+        &self,
+        from_tx: u64,
+        to_tx: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let to = to_tx.min(self.applied_lsn());
+        let mut out = Vec::new();
+        if from_tx > to {
+            return Ok(out);
+        }
+        for kv in self
+            .inner
+            .tree
+            .range(keys::txlog_key(from_tx)..=keys::txlog_key(to))
+            .take(limit)
+        {
+            let (k, v) = kv?;
+            out.push((keys::decode_txlog_key(&k)?, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn apply_inner(
+        &self,
+        records: &[(u64, TxRecord)],
+        dense: bool,
+        last_lsn: u64,
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
         let _gate = self.write_lock();
         if self.inner.write_failed.load(Ordering::Acquire) {
             return Err(StoreError::WriteFailed);
         }
         let first_lsn = self.applied_lsn() + 1;
         let mut staged = Staged::default();
+        let mut previous = first_lsn - 1;
         for (i, (lsn, rec)) in records.iter().enumerate() {
             let expected = first_lsn + i as u64;
-            if *lsn != expected {
+            let in_order = if dense {
+                *lsn == expected
+            } else {
+                *lsn > previous
+            };
+            if !in_order {
                 return Err(StoreError::LsnOrder {
                     expected,
                     got: *lsn,
                 });
             }
+            previous = *lsn;
             let outcome = self.stage_record(&mut staged, *lsn, rec)?;
             staged.outcomes.push(outcome);
         }
-        let last_lsn = first_lsn + records.len() as u64 - 1;
+        if last_lsn < previous || last_lsn < first_lsn - 1 {
+            return Err(StoreError::LsnOrder {
+                expected: previous,
+                got: last_lsn,
+            });
+        }
         let fact_count = self.inner.fact_count.load(Ordering::Relaxed) + staged.facts_added;
         staged
             .batch
