@@ -42,6 +42,9 @@ struct Common {
     /// [wal] walld_bin for dev mode [default: next to stemed, then PATH].
     #[arg(long, global = true)]
     walld_bin: Option<PathBuf>,
+    /// [telemetry] log_format: text or json [default: text].
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -70,9 +73,7 @@ fn main() {
         Some(Command::CheckConfig) => println!("config is valid"),
         Some(Command::PrintConfig) => print!("{}", config.to_toml()),
         None => {
-            init_logging(&config);
             if let Err(e) = run(config) {
-                tracing::error!(error = format!("{e:#}"), "stemed failed");
                 eprintln!("stemed: {e:#}");
                 std::process::exit(1);
             }
@@ -80,11 +81,21 @@ fn main() {
     }
 }
 
+/// Telemetry starts inside the runtime (the OTLP channel lives there) and
+/// is flushed before it stops.
 fn run(config: Config) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(stemed::server::run(config))
+        .build()?;
+    runtime.block_on(async {
+        let telemetry = stemed::telemetry::init(&config.telemetry);
+        let result = stemed::server::run(config).await;
+        if let Err(e) = &result {
+            tracing::error!(error = format!("{e:#}"), "stemed failed");
+        }
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        result
+    })
 }
 
 fn load(a: &Common) -> anyhow::Result<Config> {
@@ -104,20 +115,9 @@ fn load(a: &Common) -> anyhow::Result<Config> {
     if let Some(v) = &a.walld_bin {
         c.wal.walld_bin = Some(v.clone());
     }
+    if let Some(v) = &a.log_format {
+        c.telemetry.log_format = v.clone();
+    }
     c.check()?;
     Ok(c)
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.telemetry.log_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if config.telemetry.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

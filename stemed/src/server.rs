@@ -155,6 +155,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // Out of the load balancer first, as on drain, so that a restart sends
+    // nginx's next calls to another node instead of failing them.
+    lb.drain().await;
     let _ = stop_tx.send(true);
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     let _ = tokio::time::timeout(grace, grpc).await;
@@ -207,6 +210,7 @@ where
     }
     builder
         .tcp_nodelay(true)
+        .layer(crate::telemetry::GrpcLayer)
         .layer(GrpcAuthLayer(parts.auth))
         .add_service(health_service)
         .add_service(reflection)

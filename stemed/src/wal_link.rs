@@ -107,13 +107,16 @@ impl WalLink {
     pub async fn append(&mut self, records: Vec<Vec<u8>>) -> Result<(u64, u64), WalError> {
         let count = records.len() as u64;
         assert!(count > 0, "append of no records");
+        let mut request = tonic::Request::new(pb::AppendRequest {
+            epoch: self.epoch,
+            records,
+            no_sync: false,
+        });
+        // walld's `wal.append` span joins the caller's trace.
+        crate::telemetry::inject(request.metadata_mut());
         let resp = self
             .client
-            .append(pb::AppendRequest {
-                epoch: self.epoch,
-                records,
-                no_sync: false,
-            })
+            .append(request)
             .await
             .map_err(|s| status_error(&self.socket, s))?
             .into_inner();

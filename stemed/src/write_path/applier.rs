@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 pub(crate) struct ApplyBatch {
     pub first_lsn: u64,
     pub txs: Vec<(TxRecord, Option<Reply>)>,
+    /// `write.apply`, a child of the group's first request (none in replay).
+    pub span: tracing::Span,
 }
 
 pub(crate) struct Applier {
@@ -50,7 +52,12 @@ impl Applier {
     }
 
     fn apply(&mut self, batch: ApplyBatch) {
-        let ApplyBatch { first_lsn, txs } = batch;
+        let ApplyBatch {
+            first_lsn,
+            txs,
+            span,
+        } = batch;
+        let _applying = span.enter();
         let (records, replies): (Vec<(u64, TxRecord)>, Vec<Option<Reply>>) = txs
             .into_iter()
             .enumerate()

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// Records read back from walld per catch-up round.
 const CATCH_UP_RECORDS_MAX: u64 = 4096;
@@ -142,7 +143,10 @@ impl Batcher {
     async fn append(&mut self, batch: Vec<Pending>) -> Result<(), WalError> {
         let link = self.link.as_mut().expect("append without a session");
         let records: Vec<Vec<u8>> = batch.iter().map(|p| p.encoded.clone()).collect();
-        match link.append(records).await {
+        // One append serves many requests: it is a child of the first and
+        // linked from the others, so each request's trace reaches walld.
+        let appending = group_span(&batch, "write.wal_append", records.len());
+        match link.append(records).instrument(appending).await {
             Ok((first_lsn, last_lsn)) => {
                 assert_eq!(
                     first_lsn,
@@ -158,11 +162,17 @@ impl Batcher {
                         s.state = LinkState::Serving;
                     }
                 });
+                let span = group_span(&batch, "write.apply", batch.len());
                 let txs = batch
                     .into_iter()
                     .map(|p| (p.record, Some(p.reply)))
                     .collect();
-                self.send_to_applier(ApplyBatch { first_lsn, txs }).await;
+                self.send_to_applier(ApplyBatch {
+                    first_lsn,
+                    txs,
+                    span,
+                })
+                .await;
                 Ok(())
             }
             Err(e) if e.is_disk_full() => {
@@ -281,6 +291,7 @@ impl Batcher {
             self.send_to_applier(ApplyBatch {
                 first_lsn: from,
                 txs,
+                span: tracing::Span::none(),
             })
             .await;
         }
@@ -310,6 +321,22 @@ fn admit_to_group(p: Pending) -> Option<Pending> {
         return None;
     }
     Some(p)
+}
+
+/// A span for a stage that serves a whole group: child of the first
+/// request's span, with links to the others.
+fn group_span(batch: &[Pending], name: &'static str, records: usize) -> tracing::Span {
+    let first = batch.first().map(|p| p.span.id());
+    let span = match name {
+        "write.wal_append" => {
+            tracing::info_span!(parent: first.flatten(), "write.wal_append", records)
+        }
+        _ => tracing::info_span!(parent: first.flatten(), "write.apply", records),
+    };
+    for p in batch.iter().skip(1) {
+        span.follows_from(&p.span);
+    }
+    span
 }
 
 fn fail_all(batch: Vec<Pending>, err: WriteError) {

@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use batcher::LinkConfig;
 
@@ -88,6 +89,9 @@ pub(crate) struct Pending {
     pub encoded: Vec<u8>,
     pub deadline: Instant,
     pub reply: Reply,
+    /// The request's `write.commit` span: the parent of the WAL append and
+    /// apply spans of the group this transaction joins.
+    pub span: tracing::Span,
 }
 
 /// The state of the link to walld, published by the batcher.
@@ -222,7 +226,11 @@ impl WritePath {
         deadline: Instant,
     ) -> Result<TxOutcome, WriteError> {
         // Stage 1: validate.
-        validate::transaction(&assertions, idempotency_key.as_deref(), &self.limits)
+        let validating = tracing::info_span!("write.validate", assertions = assertions.len());
+        validating
+            .in_scope(|| {
+                validate::transaction(&assertions, idempotency_key.as_deref(), &self.limits)
+            })
             .map_err(|e| WriteError::Invalid(e.0))?;
         let assertion_count = assertions.len();
         let record = TxRecord {
@@ -257,6 +265,9 @@ impl WritePath {
         let result = self
             .admitted(record, encoded, assertion_count, deadline)
             .await;
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "transaction failed");
+        }
         if let Some(g) = leader.as_mut() {
             g.result = Some(result.clone());
         }
@@ -273,6 +284,7 @@ impl WritePath {
         let bytes = encoded.len();
         let permit =
             tokio::time::timeout_at(deadline, self.bytes_in_flight.acquire_many(bytes as u32))
+                .instrument(tracing::info_span!("write.admit", bytes))
                 .await
                 .map_err(|_| {
                     WriteError::ResourceExhausted(format!(
@@ -283,7 +295,10 @@ impl WritePath {
                 .map_err(|_| WriteError::Unavailable("node is shutting down".into()))?;
         let c = &self.counters;
         let in_flight = InFlightGuard::new(c, bytes as u64);
-        let result = self.submit(record, encoded, deadline).await;
+        let result = self
+            .submit(record, encoded, deadline)
+            .instrument(tracing::info_span!("write.commit"))
+            .await;
         drop(in_flight);
         drop(permit);
         if let Ok(o) = &result {
@@ -309,6 +324,7 @@ impl WritePath {
             encoded,
             deadline,
             reply,
+            span: tracing::Span::current(),
         };
         match tokio::time::timeout_at(deadline, self.queue.send(pending)).await {
             Ok(Ok(())) => {}
