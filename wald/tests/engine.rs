@@ -304,3 +304,28 @@ fn bad_segment_header_is_damage() {
     std::fs::write(&files[1], &data).unwrap();
     expect_damage(dir.path(), &files[1], 0);
 }
+
+#[test]
+fn an_append_larger_than_a_segment_grows_one_segment_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path(), RecoveryMode::Refuse).unwrap();
+    let mut model = vec![b"small".to_vec()];
+    append(&mut log, &model);
+    let big: Vec<Vec<u8>> = vec![vec![0xEE; 40_000], vec![0xDD; 30_000]];
+    let (first, last) = append(&mut log, &big);
+    assert_eq!((first, last), (2, 3));
+    model.extend(big);
+    model.push(b"after".to_vec());
+    append(&mut log, &model[3..]);
+    log.sync().unwrap();
+    check(&log, &model);
+    let files = segment_files(dir.path());
+    assert_eq!(
+        files.len(),
+        3,
+        "small | big (grown past its preallocation) | after"
+    );
+    assert!(std::fs::metadata(&files[1]).unwrap().len() > SEGMENT_BYTES);
+    drop(log);
+    check(&open(dir.path(), RecoveryMode::Refuse).unwrap(), &model);
+}
