@@ -210,6 +210,7 @@ where
     }
     builder
         .tcp_nodelay(true)
+        .layer(crate::telemetry::GrpcLayer)
         .layer(GrpcAuthLayer(parts.auth))
         .add_service(health_service)
         .add_service(reflection)
