@@ -493,12 +493,19 @@ mod tests {
         assert!(err.contains("STEMEDB_LIMITS_VALUE_BYTES_MAX"), "{err}");
     }
 
+    /// Both files come from scripts/gen-config-docs.py: rerun it after
+    /// adding a key.
     #[test]
-    fn every_key_has_an_env_name_in_the_example_file() {
+    fn every_key_is_in_the_example_env_file_and_the_docs() {
         let example = include_str!("../../deploy/.env.example");
+        let docs = include_str!("../../docs/operations/configuration.md");
         for (section, key) in known_keys() {
             let name = env_name(&section, &key);
             assert!(example.contains(&name), "deploy/.env.example lacks {name}");
+            assert!(
+                docs.contains(&format!("| `{key}` | `{name}` |")),
+                "docs/operations/configuration.md lacks {section}.{key}"
+            );
         }
     }
 
