@@ -80,7 +80,7 @@ add_user() { # add_user NAME GROUP HOME
 }
 add_group stemedb
 add_group stemedb-wal
-add_user stemedb stemedb /var/lib/stemedb/api
+add_user stemedb stemedb /var/lib/stemedb/data
 add_user stemedb-wal stemedb-wal /var/lib/stemedb/wal
 
 uid_db=$(id_of passwd stemedb)
@@ -108,7 +108,7 @@ dir /etc/stemedb 0 0 755
 dir /var/lib/stemedb 0 0 755
 # The dedicated WAL disk's mount point (mount it before the first start).
 dir /var/lib/stemedb/wal "$uid_wal" "$gid_wal" 750
-dir /var/lib/stemedb/api "$uid_db" "$gid_db" 750
+dir /var/lib/stemedb/data "$uid_db" "$gid_db" 750
 # Entered by the backup jobs of both users; each subdirectory is closed.
 dir /var/backups/stemedb 0 0 755
 dir /var/backups/stemedb/snapshots "$uid_db" "$gid_db" 750

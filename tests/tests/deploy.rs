@@ -439,7 +439,7 @@ fn install_script_is_idempotent_in_a_throwaway_root() {
         (m.uid(), m.gid(), m.mode() & 0o7777)
     };
     assert_eq!(stat("/var/lib/stemedb/wal"), (uid_wal, gid_wal, 0o750));
-    assert_eq!(stat("/var/lib/stemedb/api"), (uid_db, gid_db, 0o750));
+    assert_eq!(stat("/var/lib/stemedb/data"), (uid_db, gid_db, 0o750));
     assert_eq!(stat("/etc/stemedb"), (0, 0, 0o755));
     assert_eq!(stat("/var/backups/stemedb"), (0, 0, 0o755));
     assert_eq!(
