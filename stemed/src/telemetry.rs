@@ -242,15 +242,17 @@ where
         let _ = span.set_parent(parent);
         span.record("trace_id", trace_id(&span).as_str());
         let started = Instant::now();
-        let future = self.inner.call(request).instrument(span);
+        let future = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             let result = future.await;
+            let code = match &result {
+                Ok(response) => code_label(response),
+                Err(_) => "Unavailable",
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            tracing::debug!(parent: &span, code, seconds, "request finished");
             if let Some(method) = method {
-                let code = match &result {
-                    Ok(response) => code_label(response),
-                    Err(_) => "Unavailable",
-                };
-                crate::metrics::observe_request(method, code, started.elapsed().as_secs_f64());
+                crate::metrics::observe_request(method, code, seconds);
             }
             result
         })
