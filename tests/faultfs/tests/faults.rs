@@ -355,15 +355,18 @@ fn control_protocol_over_the_socket() {
 
 #[test]
 fn model_check_random_operations_against_crashes() {
-    // A randomized check: a model of the durable state (file name -> bytes)
-    // must equal what the mount shows after each crash.
+    // A randomized check against a model of the filesystem with inode
+    // identity: a name points to an inode; fsync of a file makes its
+    // inode's content durable; fsync of the directory makes the name ->
+    // inode map durable. After each crash the mount must show exactly the
+    // durable names with their inodes' durable content.
     use std::collections::BTreeMap;
     let seed = std::env::var("STEMEDB_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_u64);
     eprintln!("model_check: seed {seed} (replay with STEMEDB_TEST_SEED={seed})");
-    let mut rng = seed;
+    let mut rng = seed.max(1);
     let mut next = move |n: u64| {
         // xorshift64*: deterministic, no dependency.
         rng ^= rng << 13;
@@ -373,21 +376,29 @@ fn model_check_random_operations_against_crashes() {
     };
     let fx = Fixture::new();
     let names = ["a", "b", "c", "d"];
-    // What each name shows now, and what is durable.
-    let mut now: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
-    // Durable content per name, given the directory is durable; and the
-    // durable set of names.
-    let mut synced_data: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
-    let mut durable: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
-    for step in 0..400 {
+    let mut next_inode = 0u64;
+    // name -> inode now; inode -> content now; inode -> content as of its
+    // last fsync; name -> inode as of the last directory fsync.
+    let mut names_now: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut content: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut synced: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut names_durable: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut crashes = 0;
+    for step in 0..600 {
         let name = names[next(names.len() as u64) as usize];
         let p = fx.path(name);
-        match next(6) {
-            0 => {
+        let ino = names_now.get(name).copied();
+        match (next(7), ino) {
+            (0 | 6, _) => {
+                let ino = ino.unwrap_or_else(|| {
+                    next_inode += 1;
+                    names_now.insert(name, next_inode);
+                    content.insert(next_inode, Vec::new());
+                    next_inode
+                });
+                let v = content.get_mut(&ino).unwrap();
                 let len = next(9000) as usize;
-                let off = now
-                    .get(name)
-                    .map_or(0, |v| next(v.len() as u64 + 1) as usize);
+                let off = next(v.len() as u64 + 1) as usize;
                 let byte = (step % 251) as u8;
                 let f = OpenOptions::new()
                     .create(true)
@@ -396,57 +407,54 @@ fn model_check_random_operations_against_crashes() {
                     .open(&p)
                     .unwrap();
                 f.write_all_at(&vec![byte; len], off as u64).unwrap();
-                let v = now.entry(name).or_default();
                 if v.len() < off + len {
                     v.resize(off + len, 0);
                 }
                 v[off..off + len].fill(byte);
             }
-            1 if now.contains_key(name) => {
+            (1, Some(ino)) => {
                 File::options()
                     .write(true)
                     .open(&p)
                     .unwrap()
                     .sync_all()
                     .unwrap();
-                synced_data.insert(name, now[name].clone());
-                if durable.contains_key(name) {
-                    durable.insert(name, now[name].clone());
-                }
+                synced.insert(ino, content[&ino].clone());
             }
-            2 => {
+            (2, _) => {
                 fx.fsync_dir("");
-                durable.clear();
-                for (n, _) in now.iter() {
-                    durable.insert(n, synced_data.get(n).cloned().unwrap_or_default());
-                }
+                names_durable = names_now.clone();
             }
-            3 if now.contains_key(name) => {
+            (3, Some(_)) => {
                 std::fs::remove_file(&p).unwrap();
-                now.remove(name);
-                // The inode is gone: its synced data no longer matters,
-                // but the durable entry stays until the directory fsync.
-                synced_data.remove(name);
+                names_now.remove(name);
             }
-            4 if now.contains_key(name) && next(4) == 0 => {
-                let len = next(now[name].len() as u64 + 1);
+            (4, Some(ino)) if next(3) == 0 => {
+                let v = content.get_mut(&ino).unwrap();
+                let len = next(v.len() as u64 + 1);
                 File::options()
                     .write(true)
                     .open(&p)
                     .unwrap()
                     .set_len(len)
                     .unwrap();
-                now.get_mut(name).unwrap().truncate(len as usize);
+                v.truncate(len as usize);
             }
-            5 if next(10) == 0 => {
+            (5, _) if next(8) == 0 => {
                 fx.mount.crash();
-                now = durable.clone();
-                synced_data = durable.clone();
+                crashes += 1;
+                names_now = names_durable.clone();
+                content = names_now
+                    .values()
+                    .map(|i| (*i, synced.get(i).cloned().unwrap_or_default()))
+                    .collect();
+                synced = content.clone();
                 for n in names {
                     let got = std::fs::read(fx.path(n)).ok();
+                    let want = names_now.get(n).map(|i| &content[i]);
                     assert_eq!(
                         got.as_ref(),
-                        now.get(n),
+                        want,
                         "step {step}: {n} after crash (seed {seed})"
                     );
                 }
@@ -454,4 +462,5 @@ fn model_check_random_operations_against_crashes() {
             _ => {}
         }
     }
+    assert!(crashes >= 3, "only {crashes} crashes (seed {seed})");
 }
