@@ -215,7 +215,7 @@ fn node_instruments(s: AdminState) -> Vec<Box<dyn std::any::Any + Send + Sync>> 
             |s| s.store.size_on_disk(),
         ),
         ("stemedb_watch_streams", "", "Open Watch streams.", |s| {
-            s.hub.streams() as u64
+            s.hub.streams()
         }),
         (
             "stemedb_wal_connected",
