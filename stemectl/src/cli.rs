@@ -223,6 +223,14 @@ Examples:
   stemectl wal status
   stemectl wal status --output json")]
     Wal(WalCommand),
+    /// Back up the node, list backups, verify one.
+    #[command(subcommand)]
+    Backup(crate::backup::BackupCommand),
+    /// Build a fresh node from a backup and archived WAL (point in time).
+    #[command(after_help = "Examples:
+  stemectl restore --from /var/backups/stemedb/<ID> --data-dir /var/lib/stemedb/data --wal-dir /var/lib/stemedb/wal
+  stemectl restore --from s3://b/backups/<ID> --wal-archive s3://b/wal --to-lsn 12345 --data-dir D --wal-dir W")]
+    Restore(crate::backup::RestoreArgs),
     /// Print a shell completion script.
     #[command(after_help = "Examples:
   stemectl completions bash > /etc/bash_completion.d/stemectl
@@ -275,6 +283,11 @@ pub enum WalCommand {
   stemectl wal status
   stemectl wal status --output json")]
     Status,
+    /// Copy sealed WAL segments to a directory or s3:// (verified, never
+    /// overwriting), recording progress in <wal-dir>/archive.state.
+    Archive(crate::backup::ArchiveArgs),
+    /// The archiver's progress: archived LSN, lag in segments, failures.
+    ArchiveStatus(crate::backup::ArchiveStatusArgs),
 }
 
 #[derive(Debug, Args)]

@@ -101,6 +101,12 @@ pub async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::RateLimit(c) => node::rate_limit(cli, c, &mut out).await,
         Command::Status => node::status(cli, &mut out).await,
         Command::Wal(WalCommand::Status) => node::wal_status(cli, &mut out).await,
+        Command::Wal(WalCommand::Archive(a)) => crate::backup::wal_archive(a, &mut out).await,
+        Command::Wal(WalCommand::ArchiveStatus(a)) => {
+            crate::backup::wal_archive_status(cli, a, &mut out)
+        }
+        Command::Backup(c) => crate::backup::backup(cli, c, &mut out).await,
+        Command::Restore(a) => crate::backup::restore(cli, a, &mut out).await,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "stemectl", &mut out);
             Ok(())

@@ -5,9 +5,11 @@
 //! subcommands), `node` (drain, rate limit, status over admin HTTP), `load`
 //! (`--file` JSON lines), `bench` (load generator), `admin` (the admin
 //! HTTP/1.1 client), `connect` (gRPC channel: TLS, token), `output` and
-//! `value` (rendering and typed values), `exit` (exit codes and hints).
+//! `value` (rendering and typed values), `exit` (exit codes and hints),
+//! `backup` (backup, WAL archive, restore).
 
 mod admin;
+mod backup;
 mod bench;
 mod cli;
 mod commands;

@@ -456,6 +456,11 @@ fn wal_families(st: &wal::StatusResponse, out: &mut Vec<MetricFamily>) {
             "Bytes written to WAL segments.",
             st.write_bytes,
         ),
+        (
+            "stemedb_wal_archive_failures_total",
+            "WAL archive uploads or verifications that failed (each retried).",
+            st.archive_failures_total,
+        ),
     ];
     for (name, help, v) in counters {
         out.push(family(name, help, COUNTER, vec![counter(&[], v as f64)]));
@@ -490,6 +495,16 @@ fn wal_families(st: &wal::StatusResponse, out: &mut Vec<MetricFamily>) {
             "stemedb_wal_fs_free_bytes",
             "Free bytes of the WAL filesystem.",
             st.fs_free_bytes,
+        ),
+        (
+            "stemedb_wal_archive_lag_segments",
+            "Sealed WAL segments not yet archived.",
+            st.archive_lag_segments,
+        ),
+        (
+            "stemedb_wal_archived_lsn",
+            "Every record at or below this LSN is archived and verified.",
+            st.archived_lsn,
         ),
     ];
     for (name, help, v) in gauges {

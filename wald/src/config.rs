@@ -94,6 +94,11 @@ pub struct Cli {
     /// Time to let in-flight answers flush before a fatal exit (code 70), in ms. Default: 200
     #[arg(long, env = "STEMEDB_WALLD_FATAL_EXIT_DELAY_MS")]
     pub fatal_exit_delay_ms: Option<u64>,
+    /// Truncate never removes a segment the archiver (`stemectl wal archive`)
+    /// has not archived: truncation follows min(checkpoint, archived), read
+    /// from <dir>/archive.state. Default: false
+    #[arg(long, env = "STEMEDB_WALLD_ARCHIVE_REQUIRED", value_parser = clap::builder::BoolishValueParser::new())]
+    pub archive_required: bool,
     /// Log format on stderr: text or json. Default: text
     #[arg(long, env = "STEMEDB_WALLD_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -123,6 +128,7 @@ pub struct FileConfig {
     pub allowed_uids: Option<Vec<u32>>,
     pub allowed_gids: Option<Vec<u32>>,
     pub fatal_exit_delay_ms: Option<u64>,
+    pub archive_required: Option<bool>,
 }
 
 /// The effective configuration.
@@ -149,6 +155,8 @@ pub struct Config {
     pub allowed_uids: Option<Vec<u32>>,
     pub allowed_gids: Vec<u32>,
     pub fatal_exit_delay_ms: u64,
+    /// Truncation waits for the archiver (see `archive_state`).
+    pub archive_required: bool,
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -227,6 +235,7 @@ impl Config {
                 .fatal_exit_delay_ms
                 .or(file.fatal_exit_delay_ms)
                 .unwrap_or(200),
+            archive_required: cli.archive_required || file.archive_required.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)
@@ -314,6 +323,7 @@ impl Config {
             ),
             ("allowed_gids", list(&self.allowed_gids)),
             ("fatal_exit_delay_ms", self.fatal_exit_delay_ms.to_string()),
+            ("archive_required", self.archive_required.to_string()),
         ];
         entries
             .into_iter()

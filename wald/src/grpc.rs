@@ -185,10 +185,18 @@ impl pb::wal_server::Wal for WalService {
         &self,
         request: Request<pb::TruncateRequest>,
     ) -> Result<Response<pb::TruncateResponse>, Status> {
-        let below_lsn = request.into_inner().below_lsn;
+        let requested_below_lsn = request.into_inner().below_lsn;
         let index = self.index.clone();
         let dir: PathBuf = self.config.dir.clone();
-        let result = tokio::task::spawn_blocking(move || log::truncate(&index, &dir, below_lsn))
+        let archive_required = self.config.archive_required;
+        let result = tokio::task::spawn_blocking(move || {
+            let below_lsn = if archive_required {
+                archive_truncate_bound(&dir, requested_below_lsn)
+            } else {
+                requested_below_lsn
+            };
+            log::truncate(&index, &dir, below_lsn)
+        })
             .await
             .map_err(|e| Status::internal(format!("truncate task: {e}")))?;
         let (first_lsn, segments_removed) = result.map_err(|e| self.err(e))?;
@@ -210,6 +218,43 @@ impl pb::wal_server::Wal for WalService {
             .map_err(|e| Status::internal(format!("status task: {e}")))?;
         Ok(Response::new(status))
     }
+}
+
+/// With `archive_required`: truncation follows min(checkpoint, archived).
+/// An unreadable `archive.state` counts as nothing archived, which only
+/// delays truncation.
+fn archive_truncate_bound(dir: &std::path::Path, requested_below_lsn: u64) -> u64 {
+    let state = match crate::archive_state::read(dir) {
+        Ok(state) => state,
+        Err(error) => {
+            tracing::error!(%error, "archive state unreadable; not truncating unarchived segments");
+            None
+        }
+    };
+    let bound = crate::archive_state::truncate_bound(requested_below_lsn, state.as_ref());
+    if bound < requested_below_lsn {
+        tracing::debug!(
+            requested_below_lsn,
+            bound,
+            "truncation held back by the WAL archive"
+        );
+    }
+    bound
+}
+
+/// Archive figures for Status: (archived_lsn, lag in segments, failures).
+fn archive_status(config: &Config, index: &SegmentIndex) -> (u64, u64, u64) {
+    let state = crate::archive_state::read(&config.dir)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    let first_lsns: Vec<u64> = index
+        .paths()
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().and_then(crate::segment::parse_file_name))
+        .collect();
+    let lag = crate::archive_state::lag_segments(&first_lsns, state.archived_through_lsn);
+    (state.archived_through_lsn, lag, state.failures_total)
 }
 
 /// The caller's deadline from the `grpc-timeout` header ("100m", "5S", ...).
@@ -262,6 +307,8 @@ fn build_status(
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum();
+    let (archived_lsn, archive_lag_segments, archive_failures_total) =
+        archive_status(config, index);
     let window = metrics.fsync_window();
     let [fsync, rotation, group_records, group_bytes] = metrics.histograms();
     pb::StatusResponse {
@@ -306,6 +353,10 @@ fn build_status(
         fsync_errors: metrics.fsync_errors.load(Ordering::Relaxed),
         appended_lsn: shared.appended_lsn.load(Ordering::Relaxed),
         fsync_duration_sum_seconds: metrics.fsync_seconds_total(),
+        archive_required: config.archive_required,
+        archived_lsn,
+        archive_lag_segments,
+        archive_failures_total,
     }
 }
 

@@ -4,6 +4,7 @@
 //! (frames from `record` into `segment` files, through the `fs` seam).
 //! `recovery` rebuilds the log at start; `epoch` persists writer fencing.
 
+pub mod archive_state;
 pub mod config;
 pub mod daemon;
 pub mod epoch;
