@@ -193,8 +193,9 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Tower layer on the gRPC server: one `grpc.request` span per call (child
-/// of the client's `traceparent`), and the request duration histogram.
+/// Tower layer on the gRPC server: one `grpc.request` span per call of
+/// `stemedb.v1.Store` (child of the client's `traceparent`), and the request
+/// duration histogram.
 /// Watch is a stream, so its recorded duration ends when its headers are
 /// sent, not when the stream closes.
 #[derive(Clone, Copy, Default)]
@@ -230,13 +231,17 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().to_string();
-        let method = method_label(&path);
+        let Some(method) = method_label(&path) else {
+            // Health checks and reflection: no span, no histogram, so load
+            // balancer probes do not flood the trace backend.
+            return Box::pin(self.inner.call(request));
+        };
         let parent = TraceContextPropagator::new().extract(&HeaderExtract(request.headers()));
         let span = tracing::info_span!(
             "grpc.request",
             otel.name = %path,
             rpc.system = "grpc",
-            rpc.method = method.unwrap_or("other"),
+            rpc.method = method,
             trace_id = tracing::field::Empty,
         );
         let _ = span.set_parent(parent);
@@ -251,9 +256,7 @@ where
             };
             let seconds = started.elapsed().as_secs_f64();
             tracing::debug!(parent: &span, code, seconds, "request finished");
-            if let Some(method) = method {
-                crate::metrics::observe_request(method, code, seconds);
-            }
+            crate::metrics::observe_request(method, code, seconds);
             result
         })
     }

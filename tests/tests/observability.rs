@@ -629,7 +629,12 @@ async fn a_slow_fsync_warns_with_its_trace_ids_and_raises_the_p99() {
     let warning = log
         .lines()
         .find(|l| l.contains("slow fsync") && l.contains(trace_id))
-        .unwrap_or_else(|| panic!("no slow fsync warning naming {trace_id}\n{log}"));
+        .unwrap_or_else(|| {
+            panic!(
+                "no slow fsync warning naming {trace_id} (is walld built with \
+                 `cargo build --workspace --bins --features wald/failpoints`?)\n{log}"
+            )
+        });
     assert!(warning.contains("WARN"), "{warning}");
 
     let (code, body) = http_get(pair.admin_port, "/metrics").unwrap();
