@@ -391,6 +391,7 @@ async fn pitr_restores_match_the_as_of_views() {
     // Nothing is archived yet, so checkpoints removed nothing.
     assert_eq!(segments(&node.wal_dir())[0], 1);
     assert!(segments(&node.wal_dir()).len() > 4);
+    check_no_overwrite(&node.wal_dir(), tmp.path());
     let arch = tmp.path().join("wal-archive");
     ok(&[
         "wal",
@@ -475,6 +476,37 @@ async fn pitr_restores_match_the_as_of_views() {
         r.join("wal").to_str().unwrap(),
     ]);
     assert!(err.contains(&victim), "{err}");
+}
+
+/// An archived object is never overwritten with different bytes: the
+/// archiver fails, counts the failure and leaves the object alone.
+fn check_no_overwrite(wal_dir: &Path, tmp: &Path) {
+    let copy = tmp.join("wal-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    // Sealed segments only (the active one is still being written).
+    let all = segments(wal_dir);
+    for first in &all[..all.len() - 1] {
+        let name = format!("{first:020}.wal");
+        std::fs::copy(wal_dir.join(&name), copy.join(&name)).unwrap();
+    }
+    let arch = tmp.join("arch2");
+    let (c, a) = (copy.to_str().unwrap(), arch.to_str().unwrap());
+    ok(&["wal", "archive", "--wal-dir", c, "--to", a, "--once"]);
+    let victim = arch.join(format!("{:020}.wal", all[0]));
+    flip_byte(&victim, 4096 + 20);
+    let damaged = std::fs::read(&victim).unwrap();
+    std::fs::remove_file(copy.join("archive.state")).unwrap();
+    let err = fails(&["wal", "archive", "--wal-dir", c, "--to", a, "--once"]);
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        damaged,
+        "the object was overwritten"
+    );
+    let out = ok(&["--output", "json", "wal", "archive-status", "--wal-dir", c]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["archive_failures_total"], 1, "{v}");
+    assert_eq!(v["archived_lsn"], 0, "{v}");
 }
 
 /// A moto S3 server on loopback, killed on drop.
@@ -645,4 +677,35 @@ async fn s3_archive_survives_archiver_kills_and_restores() {
     assert!(out.contains(&format!("to LSN {archived}")), "{out}");
     let restored = Restored::start(&r).await;
     check_same_as_of(&client, &restored.client().await, archived).await;
+}
+
+fn drill(extra: &[&str]) -> Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/scripts/dr-drill.sh");
+    Command::new("bash")
+        .arg(script)
+        .args(["--tx", "40", "--after-tx", "120", "--bin-dir"])
+        .arg(stemedb_tests::bin_dir())
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn dr_drill_passes_and_reports_rpo_and_rto() {
+    let out = drill(&[]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("dr-drill: OK"), "{text}");
+    assert!(text.contains("RPO: ") && text.contains("RTO: "), "{text}");
+    eprintln!("{text}");
+    // The drill's own check fails on damage.
+    let out = drill(&["--damage-archive"]);
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL") && text.contains("damaged record"),
+        "{text}"
+    );
 }
