@@ -66,8 +66,10 @@ pub fn init(json: bool) -> Telemetry {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
+                    // `spans` lists every enclosing span, so a line logged
+                    // in a nested stage still shows the request's trace_id.
                     .with_current_span(true)
-                    .with_span_list(false)
+                    .with_span_list(true)
                     .with_writer(std::io::stderr),
             )
             .init();
