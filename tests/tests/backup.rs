@@ -437,6 +437,51 @@ async fn pitr_restores_match_the_as_of_views() {
         )
         .await;
     }
+    // --to-time: everything recorded at or before a fact's recorded_at.
+    let facts: Vec<_> = client
+        .history(
+            HistoryQuery::entity(entity(0))
+                .since(basis + 1)
+                .until(archived),
+        )
+        .map(|f| f.unwrap())
+        .collect()
+        .await;
+    let f = &facts[facts.len() / 2];
+    let micros = f
+        .recorded_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    // Half a microsecond above, so the f64 parse cannot round below it.
+    let t = format!("{}.{:06}5", micros / 1_000_000, micros % 1_000_000);
+    let r = tmp.path().join("by-time");
+    let (d, w) = (r.join("data"), r.join("wal"));
+    let out = ok(&[
+        "--output",
+        "json",
+        "restore",
+        "--from",
+        backup.to_str().unwrap(),
+        "--wal-archive",
+        arch.to_str().unwrap(),
+        "--to-time",
+        &t,
+        "--data-dir",
+        d.to_str().unwrap(),
+        "--wal-dir",
+        w.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let at = v["restored_lsn"].as_u64().unwrap();
+    assert!(
+        at >= f.tx && at <= archived,
+        "--to-time {t} restored to {at}, fact tx {}",
+        f.tx
+    );
+    let node_t = Restored::start(&r).await;
+    check_same_as_of(&client, &node_t.client().await, at).await;
+
     // Beyond the archive: refused, naming where the archive ends.
     let r = tmp.path().join("beyond");
     let beyond = (archived + 1_000).to_string();

@@ -41,6 +41,9 @@ pub struct ArchiveConfig {
     pub interval: Duration,
 }
 
+/// The records `(lsn, data)` of a segment image and the offset after the last.
+pub type SegmentRecords<'a> = (Vec<(u64, &'a [u8])>, usize);
+
 /// Records `(lsn, data)` of one segment image and the offset after the
 /// last one. Errors name the file: a bad header, a damaged frame (anything
 /// but the zero tail), or an LSN out of sequence.
@@ -48,7 +51,7 @@ pub fn segment_records<'a>(
     name: &str,
     bytes: &'a [u8],
     first_lsn: u64,
-) -> anyhow::Result<(Vec<(u64, &'a [u8])>, usize)> {
+) -> anyhow::Result<SegmentRecords<'a>> {
     match segment::decode_header(bytes) {
         Ok(lsn) if lsn == first_lsn => {}
         Ok(lsn) => bail!("{name}: header says first LSN {lsn}, the name says {first_lsn}"),

@@ -48,92 +48,105 @@ impl Open {
     }
 }
 
+/// Splits the frames of one export into data files and uploads each.
+struct Writer {
+    dest: Dest,
+    basis: u64,
+    file_bytes_max: u64,
+    open: Open,
+    files: Vec<DataFile>,
+    hash: ContentHash,
+}
+
+impl Writer {
+    async fn add(&mut self, tx: u64, data: &[u8], progress: &mut Progress) -> anyhow::Result<()> {
+        let rec = stemed::store::codec::decode_tx(data)
+            .map_err(|e| ServerError(format!("export tx {tx}: {e}")))?;
+        self.hash.add(tx, data);
+        stemed::export::encode_frame(tx, data, &mut self.open.buf);
+        let e = &mut self.open.entry;
+        if e.first_tx == 0 {
+            e.first_tx = tx;
+        }
+        e.last_tx = tx;
+        e.transactions += 1;
+        e.assertions += rec.assertions.len() as u64;
+        progress.tick(tx, self.basis);
+        if self.open.buf.len() as u64 >= self.file_bytes_max {
+            let next = Open::new(self.files.len() + 2, self.basis);
+            let full = std::mem::replace(&mut self.open, next);
+            self.files.push(seal(&self.dest, full).await?);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> anyhow::Result<(Vec<DataFile>, String)> {
+        if self.open.entry.transactions > 0 || self.files.is_empty() {
+            self.files.push(seal(&self.dest, self.open).await?);
+        }
+        Ok((self.files, self.hash.finish()))
+    }
+}
+
+/// The next data chunk of the body, counted in `progress`.
+async fn next_chunk(
+    body: &mut hyper::body::Incoming,
+    progress: &mut Progress,
+) -> anyhow::Result<Bytes> {
+    loop {
+        let Some(frame) = body.frame().await else {
+            bail!("export stream ended without its end frame (node restarted?)");
+        };
+        let frame = frame.map_err(|e| ConnectionError(format!("reading the export: {e}")))?;
+        if let Ok(chunk) = frame.into_data() {
+            progress.bytes += chunk.len() as u64;
+            return Ok(chunk);
+        }
+    }
+}
+
 pub async fn run(cli: &Cli, cfg: &CreateConfig) -> anyhow::Result<Manifest> {
     let root = Dest::parse(&cfg.to)?;
     let mut body = open_export(cli, cfg.at_lsn).await?;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut basis: Option<u64> = None;
     let created = std::time::SystemTime::now();
     let micros = created
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as i64;
     let mut progress = Progress::new("backup");
-    let mut hash = ContentHash::default();
-    let mut files: Vec<DataFile> = Vec::new();
-    let mut open: Option<Open> = None;
-    let mut dest: Option<Dest> = None;
-    let mut id = String::new();
-    let mut ended = false;
-    while !ended {
-        let Some(frame) = body.frame().await else {
-            bail!("export stream ended without its end frame (node restarted?)");
-        };
-        let frame = frame.map_err(|e| ConnectionError(format!("reading the export: {e}")))?;
-        let Ok(chunk) = frame.into_data() else {
-            continue;
-        };
-        progress.bytes += chunk.len() as u64;
-        buf.extend_from_slice(&chunk);
-        if buf.len() > STREAM_BUFFER_BYTES_MAX {
-            bail!("export frame larger than {STREAM_BUFFER_BYTES_MAX} bytes");
-        }
-        let mut at = 0;
-        if basis.is_none() {
-            if buf.len() < 16 {
-                continue;
-            }
-            let (b, n) = stemed::export::decode_header(&buf).map_err(|e| ServerError(e))?;
-            basis = Some(b);
-            at = n;
-            id = format!("{b:020}-{micros}");
-            dest = Some(root.child(&id));
-            open = Some(Open::new(1, b));
-        }
-        let b = basis.expect("set above");
-        loop {
-            let Some((f, n)) =
-                stemed::export::decode_frame(&buf[at..]).map_err(|e| ServerError(e))?
-            else {
-                break;
-            };
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() < 16 {
+        buf.extend_from_slice(&next_chunk(&mut body, &mut progress).await?);
+    }
+    let (basis, mut at) = stemed::export::decode_header(&buf).map_err(ServerError)?;
+    let id = format!("{basis:020}-{micros}");
+    let mut writer = Writer {
+        dest: root.child(&id),
+        basis,
+        file_bytes_max: cfg.file_bytes_max,
+        open: Open::new(1, basis),
+        files: Vec::new(),
+        hash: ContentHash::default(),
+    };
+    'stream: loop {
+        while let Some((f, n)) = stemed::export::decode_frame(&buf[at..]).map_err(ServerError)? {
             at += n;
-            let cur = open.as_mut().expect("opened with the header");
             match f {
-                stemed::export::Frame::End => {
-                    ended = true;
-                    break;
-                }
+                stemed::export::Frame::End => break 'stream,
                 stemed::export::Frame::Tx { tx, data } => {
-                    let rec = stemed::store::codec::decode_tx(&data)
-                        .map_err(|e| ServerError(format!("export tx {tx}: {e}")))?;
-                    hash.add(tx, &data);
-                    stemed::export::encode_frame(tx, &data, &mut cur.buf);
-                    let e = &mut cur.entry;
-                    if e.first_tx == 0 {
-                        e.first_tx = tx;
-                    }
-                    e.last_tx = tx;
-                    e.transactions += 1;
-                    e.assertions += rec.assertions.len() as u64;
-                    progress.tick(tx, b);
-                    if cur.buf.len() as u64 >= cfg.file_bytes_max {
-                        let full = open.take().expect("open");
-                        files.push(seal(dest.as_ref().expect("dest"), full).await?);
-                        open = Some(Open::new(files.len() + 1, b));
-                    }
+                    writer.add(tx, &data, &mut progress).await?
                 }
             }
         }
         buf.drain(..at);
-    }
-    let basis = basis.expect("ended implies a header");
-    let dest = dest.expect("ended implies a header");
-    if let Some(last) = open.take() {
-        if last.entry.transactions > 0 || files.is_empty() {
-            files.push(seal(&dest, last).await?);
+        at = 0;
+        buf.extend_from_slice(&next_chunk(&mut body, &mut progress).await?);
+        if buf.len() > STREAM_BUFFER_BYTES_MAX {
+            bail!("export frame larger than {STREAM_BUFFER_BYTES_MAX} bytes");
         }
     }
+    let dest = writer.dest.clone();
+    let (files, content_sha256) = writer.finish().await?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         id,
@@ -143,7 +156,7 @@ pub async fn run(cli: &Cli, cfg: &CreateConfig) -> anyhow::Result<Manifest> {
         source_admin_addr: cli.admin_addr.clone(),
         transactions: files.iter().map(|f| f.transactions).sum(),
         assertions: files.iter().map(|f| f.assertions).sum(),
-        content_sha256: hash.finish(),
+        content_sha256,
         files,
     };
     manifest
