@@ -354,6 +354,18 @@ fn archived_lsn(wal_dir: &Path) -> u64 {
     v["archived_lsn"].as_u64().unwrap()
 }
 
+/// One unlabelled sample of stemed's /metrics (walld's figures included).
+fn metric(node: &Node, name: &str) -> f64 {
+    let (code, body) = http_get(node.admin_port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Truncation never outruns archiving: the WAL still holds every record
 /// after the archived LSN.
 fn check_truncation_follows_archive(wal_dir: &Path) {
@@ -392,6 +404,8 @@ async fn pitr_restores_match_the_as_of_views() {
     assert_eq!(segments(&node.wal_dir())[0], 1);
     assert!(segments(&node.wal_dir()).len() > 4);
     check_no_overwrite(&node.wal_dir(), tmp.path());
+    let lag_before = metric(&node, "stemedb_wal_archive_lag_segments");
+    assert!(lag_before >= 4.0, "lag {lag_before}");
     let arch = tmp.path().join("wal-archive");
     ok(&[
         "wal",
@@ -405,6 +419,9 @@ async fn pitr_restores_match_the_as_of_views() {
     let archived = archived_lsn(&node.wal_dir());
     assert!(archived > basis + 100, "archived {archived}, basis {basis}");
     check_truncation_follows_archive(&node.wal_dir());
+    assert_eq!(metric(&node, "stemedb_wal_archived_lsn"), archived as f64);
+    assert_eq!(metric(&node, "stemedb_wal_archive_lag_segments"), 0.0);
+    assert_eq!(metric(&node, "stemedb_wal_archive_failures_total"), 0.0);
     // Archiving again finds every segment identical and uploads nothing new.
     ok(&[
         "wal",
@@ -500,6 +517,11 @@ async fn pitr_restores_match_the_as_of_views() {
     ]);
     assert!(err.contains(&format!("ends at LSN {archived}")), "{err}");
 
+    // The verify timer's form: the latest backup, and the archive after it.
+    let (d, a) = (dest.to_str().unwrap(), arch.to_str().unwrap());
+    let out = ok(&["backup", "verify", "--from", d, "--wal", a]);
+    assert!(out.contains(&format!("up to LSN {archived}")), "{out}");
+
     // A flipped byte in an archived segment fails the restore, naming it.
     let mut names: Vec<_> = std::fs::read_dir(&arch)
         .unwrap()
@@ -520,6 +542,8 @@ async fn pitr_restores_match_the_as_of_views() {
         "--wal-dir",
         r.join("wal").to_str().unwrap(),
     ]);
+    assert!(err.contains(&victim), "{err}");
+    let err = fails(&["backup", "verify", "--from", d, "--wal", a]);
     assert!(err.contains(&victim), "{err}");
 }
 

@@ -49,9 +49,20 @@ pub enum BackupCommand {
         dest: String,
     },
     /// Re-read a backup and check every checksum and count.
+    #[command(after_help = "Examples:
+  stemectl backup verify /var/backups/stemedb/snapshots/<ID>
+  stemectl backup verify --from /var/backups/stemedb/snapshots --wal /var/backups/stemedb/wal   # the latest, and the archive after it")]
     Verify {
         /// DEST/ID.
-        backup: String,
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        backup: Option<String>,
+        /// Verify the latest complete backup under DEST instead.
+        #[arg(long, value_name = "DEST")]
+        from: Option<String>,
+        /// Also check every archived WAL segment here (headers, record
+        /// CRCs, dense LSNs) and that the archive continues the backup.
+        #[arg(long, value_name = "SRC")]
+        wal: Option<String>,
     },
 }
 
@@ -161,8 +172,24 @@ pub async fn backup(cli: &Cli, cmd: &BackupCommand, out: &mut impl Write) -> any
             }
             Ok(())
         }
-        BackupCommand::Verify { backup } => {
-            let m = verify::verify(backup).await?;
+        BackupCommand::Verify { backup, from, wal } => {
+            let spec = match (backup, from) {
+                (Some(b), _) => b.clone(),
+                (None, Some(from)) => {
+                    let list = verify::list(&dest::Dest::parse(from)?).await?;
+                    let Some(latest) = list.last() else {
+                        anyhow::bail!("{from}: no complete backup (none has a manifest.json)");
+                    };
+                    format!("{}/{}", from.trim_end_matches('/'), latest.id)
+                }
+                (None, None) => unreachable!("clap requires BACKUP or --from"),
+            };
+            let m = verify::verify(&spec).await?;
+            if let Some(src) = wal {
+                let (segments, last) =
+                    verify::verify_archive(&dest::Dest::parse(src)?, m.basis_lsn).await?;
+                writeln!(out, "WAL archive {src} OK: {segments} segments, continues backup {} up to LSN {last}", m.id)?;
+            }
             match cli.output {
                 Output::Json => print_json(out, &serde_json::json!({"ok": true, "manifest": m}))?,
                 _ => writeln!(
