@@ -193,18 +193,24 @@ impl Rig {
     async fn start_stemed(&mut self) {
         self.start_stemed_unready();
         self.wait_ready().await;
-        let mode = std::env::var("STEMEDB_POWER_LOSS_FSYNC_DIRS").unwrap_or_default();
+        // STEMEDB_POWER_LOSS_FSYNC stands in for the missing fixes of bugs
+        // 1 and 2 in docs/reliability.md, to look past them: `dirs-once`
+        // fsyncs the mount's directories once after start; `dirs` also
+        // every 10 ms; `all` fsyncs directories and files every 10 ms (an
+        // approximation of an fsync of sled's files after every flush).
+        let mode = std::env::var("STEMEDB_POWER_LOSS_FSYNC").unwrap_or_default();
         if self.options.sled_on_faultfs && !mode.is_empty() {
-            // Stands in for the missing fix of bug 1 in docs/reliability.md
-            // (stemed never fsyncs its data directories), to look past it:
-            // once after start, or also every 10 ms ("often", an
-            // approximation of an fsync after every sled flush).
-            fsync_dir_tree(self.mount.mountpoint()).expect("fsync the mount's directories");
-            if mode == "often" {
+            assert!(
+                ["dirs-once", "dirs", "all"].contains(&mode.as_str()),
+                "STEMEDB_POWER_LOSS_FSYNC={mode}: expected dirs-once, dirs or all"
+            );
+            fsync_tree(self.mount.mountpoint(), false).expect("fsync the mount's directories");
+            if mode != "dirs-once" {
                 let (dir, alive) = (self.mount.mountpoint().to_path_buf(), self.alive.clone());
+                let files = mode == "all";
                 std::thread::spawn(move || {
                     while alive.load(Ordering::Acquire) {
-                        let _ = fsync_dir_tree(&dir);
+                        let _ = fsync_tree(&dir, files);
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 });
@@ -353,11 +359,13 @@ fn durable_listing(backing: &Path) -> Vec<String> {
 }
 
 /// fsyncs every directory of a tree (children first), making every entry
-/// in it durable.
-fn fsync_dir_tree(dir: &Path) -> std::io::Result<()> {
+/// in it durable, and with `files` every file too.
+fn fsync_tree(dir: &Path, files: bool) -> std::io::Result<()> {
     for e in std::fs::read_dir(dir)?.flatten() {
         if e.file_type()?.is_dir() {
-            fsync_dir_tree(&e.path())?;
+            fsync_tree(&e.path(), files)?;
+        } else if files {
+            std::fs::File::open(e.path())?.sync_all()?;
         }
     }
     std::fs::File::open(dir)?.sync_all()
