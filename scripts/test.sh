@@ -34,6 +34,11 @@ if [ ! -x .tools/node_modules/.bin/buf ]; then
 fi
 (cd proto && ../.tools/node_modules/.bin/buf lint)
 
+step "Prometheus rules and config (promtool)"
+promtool check rules monitoring/prometheus/alerts.yml
+promtool test rules monitoring/prometheus/alerts_test.yml
+promtool check config monitoring/prometheus/prometheus.yml
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

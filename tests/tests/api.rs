@@ -31,7 +31,9 @@ async fn transact_then_get_query_history_as_of_and_retract() {
     let c = node.client().await;
     // Something before t1, so that "as of the tx before t1" is a real tx
     // (as_of_tx 0 means "latest").
-    c.transact(vec![claim("other", "x", 1i64, "hr")]).await.unwrap();
+    c.transact(vec![claim("other", "x", 1i64, "hr")])
+        .await
+        .unwrap();
 
     let t1 = c
         .transact(vec![
@@ -63,8 +65,14 @@ async fn transact_then_get_query_history_as_of_and_retract() {
     assert_eq!(
         names,
         vec![
-            (format!("{:?}", Value::Text("Ada L.".into())), "crm".to_string()),
-            (format!("{:?}", Value::Text("Ada Lovelace".into())), "hr".to_string()),
+            (
+                format!("{:?}", Value::Text("Ada L.".into())),
+                "crm".to_string()
+            ),
+            (
+                format!("{:?}", Value::Text("Ada Lovelace".into())),
+                "hr".to_string()
+            ),
         ]
     );
     assert_eq!(now.len(), 4, "{now:?}");
@@ -78,7 +86,9 @@ async fn transact_then_get_query_history_as_of_and_retract() {
     assert!(then
         .iter()
         .any(|f| f.1 == Value::Text("Ada".into()) && f.2 == "hr"));
-    assert!(!then.iter().any(|f| f.1 == Value::Text("Ada Lovelace".into())));
+    assert!(!then
+        .iter()
+        .any(|f| f.1 == Value::Text("Ada Lovelace".into())));
     let view = c.get("user:1", Some(t1.tx)).await.unwrap();
     assert_eq!(view.basis_tx, t1.tx);
     // Before anything: empty.
@@ -181,9 +191,15 @@ async fn idempotent_retry_survives_a_stemed_restart() {
     let mut node = Node::start().await;
     let c = node.client().await;
     let a = vec![claim("order:1", "total", 42i64, "shop")];
-    let first = c.transact_with_key(a.clone(), "order-1-create").await.unwrap();
+    let first = c
+        .transact_with_key(a.clone(), "order-1-create")
+        .await
+        .unwrap();
     assert!(!first.deduplicated);
-    let again = c.transact_with_key(a.clone(), "order-1-create").await.unwrap();
+    let again = c
+        .transact_with_key(a.clone(), "order-1-create")
+        .await
+        .unwrap();
     assert_eq!((again.tx, again.deduplicated), (first.tx, true));
 
     // kill -9: sled loses what it had not flushed; replay from the WAL
@@ -284,50 +300,139 @@ async fn validation_limits_at_the_boundary() {
     let text = |s: String| pb::Value {
         kind: Some(pb::value::Kind::Text(s)),
     };
-    let one = |entity: String, attribute: String, value: pb::Value, source: String, confidence| pb::Assertion {
-        entity,
-        attribute,
-        value: Some(value),
-        source,
-        confidence,
-        op: pb::Op::Assert as i32,
+    let one = |entity: String, attribute: String, value: pb::Value, source: String, confidence| {
+        pb::Assertion {
+            entity,
+            attribute,
+            value: Some(value),
+            source,
+            confidence,
+            op: pb::Op::Assert as i32,
+        }
     };
     let ok = |a: pb::Assertion| pb::TransactRequest {
         assertions: vec![a],
         idempotency_key: String::new(),
     };
     let cases: Vec<(pb::TransactRequest, Option<&str>)> = vec![
-        (ok(one("e".repeat(512), "a".into(), text("v".into()), "s".into(), None)), None),
         (
-            ok(one("e".repeat(513), "a".into(), text("v".into()), "s".into(), None)),
+            ok(one(
+                "e".repeat(512),
+                "a".into(),
+                text("v".into()),
+                "s".into(),
+                None,
+            )),
+            None,
+        ),
+        (
+            ok(one(
+                "e".repeat(513),
+                "a".into(),
+                text("v".into()),
+                "s".into(),
+                None,
+            )),
             Some("assertions[0].entity: 513 bytes exceed name_bytes_max (512)"),
         ),
-        (ok(one("e".into(), "a".repeat(512), text("v".into()), "s".into(), None)), None),
         (
-            ok(one("e".into(), "a".repeat(513), text("v".into()), "s".into(), None)),
+            ok(one(
+                "e".into(),
+                "a".repeat(512),
+                text("v".into()),
+                "s".into(),
+                None,
+            )),
+            None,
+        ),
+        (
+            ok(one(
+                "e".into(),
+                "a".repeat(513),
+                text("v".into()),
+                "s".into(),
+                None,
+            )),
             Some("assertions[0].attribute: 513 bytes exceed name_bytes_max (512)"),
         ),
-        (ok(one("e".into(), "a".into(), text("v".into()), "s".repeat(512), None)), None),
         (
-            ok(one("e".into(), "a".into(), text("v".into()), "s".repeat(513), None)),
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".into()),
+                "s".repeat(512),
+                None,
+            )),
+            None,
+        ),
+        (
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".into()),
+                "s".repeat(513),
+                None,
+            )),
             Some("assertions[0].source: 513 bytes exceed name_bytes_max (512)"),
         ),
-        (ok(one("e".into(), "a".into(), text("v".repeat(65536)), "s".into(), None)), None),
         (
-            ok(one("e".into(), "a".into(), text("v".repeat(65537)), "s".into(), None)),
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".repeat(65536)),
+                "s".into(),
+                None,
+            )),
+            None,
+        ),
+        (
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".repeat(65537)),
+                "s".into(),
+                None,
+            )),
             Some("assertions[0].value: 65537 bytes exceed value_bytes_max (65536)"),
         ),
-        (ok(one("e".into(), "a".into(), text("v".into()), "s".into(), Some(1.0))), None),
         (
-            ok(one("e".into(), "a".into(), text("v".into()), "s".into(), Some(1.5))),
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".into()),
+                "s".into(),
+                Some(1.0),
+            )),
+            None,
+        ),
+        (
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".into()),
+                "s".into(),
+                Some(1.5),
+            )),
             Some("assertions[0].confidence: 1.5 is not a finite number in [0, 1]"),
         ),
         (
-            ok(one("e".into(), "a".into(), text("v".into()), "s".into(), Some(f64::NAN))),
+            ok(one(
+                "e".into(),
+                "a".into(),
+                text("v".into()),
+                "s".into(),
+                Some(f64::NAN),
+            )),
             Some("assertions[0].confidence"),
         ),
         (
-            ok(one(String::new(), "a".into(), text("v".into()), "s".into(), None)),
+            ok(one(
+                String::new(),
+                "a".into(),
+                text("v".into()),
+                "s".into(),
+                None,
+            )),
             Some("assertions[0].entity: required"),
         ),
         (
@@ -344,7 +449,11 @@ async fn validation_limits_at_the_boundary() {
             (Ok(_), None) => {}
             (Err(s), Some(w)) => {
                 assert_eq!(s.code(), tonic::Code::InvalidArgument, "case {i}: {s:?}");
-                assert!(s.message().contains(w), "case {i}: {:?} lacks {w:?}", s.message());
+                assert!(
+                    s.message().contains(w),
+                    "case {i}: {:?} lacks {w:?}",
+                    s.message()
+                );
             }
             (got, want) => panic!("case {i}: got {got:?}, want {want:?}"),
         }
@@ -352,7 +461,15 @@ async fn validation_limits_at_the_boundary() {
     // The assertion count limit: 10,000 passes, 10,001 is refused.
     let many = |n: usize| pb::TransactRequest {
         assertions: (0..n)
-            .map(|i| one(format!("bulk:{i}"), "a".into(), text("v".into()), "s".into(), None))
+            .map(|i| {
+                one(
+                    format!("bulk:{i}"),
+                    "a".into(),
+                    text("v".into()),
+                    "s".into(),
+                    None,
+                )
+            })
             .collect(),
         idempotency_key: String::new(),
     };
@@ -370,10 +487,17 @@ async fn validation_limits_at_the_boundary() {
     bad.value = None;
     let s = raw
         .transact(pb::TransactRequest {
-            assertions: vec![one("e".into(), "a".into(), text("v".into()), "s".into(), None), bad],
+            assertions: vec![
+                one("e".into(), "a".into(), text("v".into()), "s".into(), None),
+                bad,
+            ],
             idempotency_key: String::new(),
         })
         .await
         .unwrap_err();
-    assert!(s.message().contains("assertions[1].value: required"), "{}", s.message());
+    assert!(
+        s.message().contains("assertions[1].value: required"),
+        "{}",
+        s.message()
+    );
 }

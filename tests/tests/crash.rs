@@ -22,8 +22,12 @@ fn key(writer: usize, i: usize) -> String {
 }
 
 fn assertion(writer: usize, i: usize) -> Assertion {
-    Assertion::assert(format!("crash:{writer}:{i}"), "seq", (writer * 1_000_000 + i) as i64)
-        .source("crash-test")
+    Assertion::assert(
+        format!("crash:{writer}:{i}"),
+        "seq",
+        (writer * 1_000_000 + i) as i64,
+    )
+    .source("crash-test")
 }
 
 /// Writers loop until `stop`; each write has a unique idempotency key and is
@@ -48,11 +52,18 @@ async fn write_until(
             continue;
         };
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            match c.transact_with_key(vec![assertion(writer, i)], key(writer, i)).await {
+            match c
+                .transact_with_key(vec![assertion(writer, i)], key(writer, i))
+                .await
+            {
                 Ok(r) => {
                     acks.lock().unwrap().insert(
                         key(writer, i),
-                        (r.tx, format!("crash:{writer}:{i}"), (writer * 1_000_000 + i) as i64),
+                        (
+                            r.tx,
+                            format!("crash:{writer}:{i}"),
+                            (writer * 1_000_000 + i) as i64,
+                        ),
                     );
                     i += 1;
                 }
@@ -88,7 +99,11 @@ async fn verify(node: &Node, acks: &Acks) {
         let got = by_entity
             .get(entity)
             .unwrap_or_else(|| panic!("acknowledged {k} (tx {tx}) is missing\n{}", node.logs()));
-        assert_eq!(got[0], (*tx, Value::Int64(*value)), "acknowledged {k} changed");
+        assert_eq!(
+            got[0],
+            (*tx, Value::Int64(*value)),
+            "acknowledged {k} changed"
+        );
     }
     // Every tx is distinct.
     let mut txs: Vec<u64> = by_entity.values().map(|v| v[0].0).collect();
@@ -156,9 +171,16 @@ async fn crash_cycles(kill_walld: bool, test: &str) {
     let c = node.client().await;
     for (w, &n) in next.iter().enumerate() {
         for i in (0..n).step_by(7) {
-            let r = c.transact_with_key(vec![assertion(w, i)], key(w, i)).await.unwrap();
+            let r = c
+                .transact_with_key(vec![assertion(w, i)], key(w, i))
+                .await
+                .unwrap();
             if let Some((tx, _, _)) = acks.lock().unwrap().get(&key(w, i)) {
-                assert!(r.deduplicated && r.tx == *tx, "retry of {} got {r:?}", key(w, i));
+                assert!(
+                    r.deduplicated && r.tx == *tx,
+                    "retry of {} got {r:?}",
+                    key(w, i)
+                );
             }
         }
     }

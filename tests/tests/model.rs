@@ -80,7 +80,9 @@ async fn check_reads(c: &Client, model: &Model, rng: &mut impl Rng, step: usize)
     let attribute = format!("a{}", rng.gen_range(0..3));
     let mut q = Query::attribute(attribute.clone()).page_size(rng.gen_range(1..5));
     let value = rng.gen_bool(0.4).then(|| rng.gen_range(0..3i64));
-    let source = rng.gen_bool(0.4).then(|| format!("s{}", rng.gen_range(0..2)));
+    let source = rng
+        .gen_bool(0.4)
+        .then(|| format!("s{}", rng.gen_range(0..2)));
     if let Some(v) = value {
         q = q.value(v);
     }
@@ -119,7 +121,11 @@ async fn random_transacts_restarts_and_reads_match_the_model() {
                 let n = rng.gen_range(1..=4);
                 let ops: Vec<(Claim, Op)> = (0..n)
                     .map(|_| {
-                        let op = if rng.gen_bool(0.3) { Op::Retract } else { Op::Assert };
+                        let op = if rng.gen_bool(0.3) {
+                            Op::Retract
+                        } else {
+                            Op::Assert
+                        };
                         (random_claim(&mut rng), op)
                     })
                     .collect();

@@ -27,9 +27,11 @@ async fn fsyncs_per_tx(node: &Node, writers: usize, per_writer: usize) -> f64 {
         let c = node.client().await;
         joins.push(tokio::spawn(async move {
             for i in 0..per_writer {
-                c.transact(vec![Assertion::assert(format!("g:{w}:{i}"), "n", i as i64).source("gc")])
-                    .await
-                    .unwrap();
+                c.transact(vec![
+                    Assertion::assert(format!("g:{w}:{i}"), "n", i as i64).source("gc")
+                ])
+                .await
+                .unwrap();
             }
         }));
     }
@@ -61,7 +63,10 @@ async fn a_larger_group_commit_window_lowers_fsyncs_per_transaction() {
 #[tokio::test]
 async fn checkpoints_truncate_the_wal_and_restart_still_recovers_everything() {
     let mut node = Node::start_with(NodeOptions {
-        stemed_env: vec![("STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS".into(), "200".into())],
+        stemed_env: vec![(
+            "STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS".into(),
+            "200".into(),
+        )],
         ..NodeOptions::default()
     })
     .await;
@@ -71,7 +76,12 @@ async fn checkpoints_truncate_the_wal_and_restart_still_recovers_everything() {
     // ~2.5 MB of records over 256 KiB segments.
     for i in 0..300i64 {
         let r = c
-            .transact(vec![Assertion::assert(format!("cp:{i}"), "blob", blob.clone()).source("cp")])
+            .transact(vec![Assertion::assert(
+                format!("cp:{i}"),
+                "blob",
+                blob.clone(),
+            )
+            .source("cp")])
             .await
             .unwrap();
         txs.push(r.tx);
@@ -88,14 +98,22 @@ async fn checkpoints_truncate_the_wal_and_restart_still_recovers_everything() {
         if first > 1.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the WAL was never truncated: {m:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the WAL was never truncated: {m:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // More writes after the checkpoint, then a crash: recovery replays the
     // suffix from the WAL on top of the flushed store.
     for i in 300..340i64 {
         let r = c
-            .transact(vec![Assertion::assert(format!("cp:{i}"), "blob", blob.clone()).source("cp")])
+            .transact(vec![Assertion::assert(
+                format!("cp:{i}"),
+                "blob",
+                blob.clone(),
+            )
+            .source("cp")])
             .await
             .unwrap();
         txs.push(r.tx);
@@ -136,7 +154,10 @@ async fn writes_fail_unavailable_while_walld_is_away_then_resume() {
         {
             Err(e) => break e,
             Ok(_) => {
-                assert!(Instant::now() < deadline, "writes kept succeeding without walld");
+                assert!(
+                    Instant::now() < deadline,
+                    "writes kept succeeding without walld"
+                );
             }
         }
     };
