@@ -58,8 +58,11 @@ struct Rig {
     admin_port: u16,
     walld_args: Vec<String>,
     options: RigOptions,
-    /// Cleared on drop: stops helper threads.
+    /// Cleared on drop: stops helper threads, which are joined before the
+    /// mount goes (a thread blocked on a mount whose session ended would
+    /// never return).
     alive: Arc<AtomicBool>,
+    helpers: Vec<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -99,6 +102,7 @@ impl Rig {
             walld_args: vec!["--segment-bytes".into(), SEGMENT_BYTES.into()],
             options,
             alive: Arc::new(AtomicBool::new(true)),
+            helpers: Vec::new(),
         }
     }
 
@@ -208,12 +212,12 @@ impl Rig {
             if mode != "dirs-once" {
                 let (dir, alive) = (self.mount.mountpoint().to_path_buf(), self.alive.clone());
                 let files = mode == "all";
-                std::thread::spawn(move || {
+                self.helpers.push(std::thread::spawn(move || {
                     while alive.load(Ordering::Acquire) {
                         let _ = fsync_tree(&dir, files);
                         std::thread::sleep(Duration::from_millis(10));
                     }
-                });
+                }));
             }
         }
     }
@@ -341,6 +345,9 @@ impl Drop for Rig {
         self.alive.store(false, Ordering::Release);
         kill9(self.stemed.take());
         kill9(self.walld.take());
+        for h in self.helpers.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 

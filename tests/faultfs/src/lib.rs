@@ -268,6 +268,8 @@ pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     control: Control,
     mountpoint: PathBuf,
+    /// The FUSE connection id (the mount's device number), for aborting it.
+    connection: u64,
 }
 
 impl Mount {
@@ -308,23 +310,25 @@ impl Mount {
             shared: shared.clone(),
         };
         let session = fuser::spawn_mount(filesystem, &mountpoint, &config)?;
-        let mount = Mount {
+        let mut mount = Mount {
             session: Some(session),
             control: Control { shared },
             mountpoint,
+            connection: 0,
         };
-        mount.wait_mounted()?;
+        mount.connection = mount.wait_mounted()?;
         Ok(mount)
     }
 
-    fn wait_mounted(&self) -> std::io::Result<()> {
+    /// Waits for the mount to appear; returns its device number.
+    fn wait_mounted(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         let parent = self.mountpoint.parent().unwrap_or(Path::new("/"));
         let deadline = Instant::now() + MOUNT_TIMEOUT;
         loop {
             let here = std::fs::metadata(&self.mountpoint)?.dev();
             if here != std::fs::metadata(parent)?.dev() {
-                return Ok(());
+                return Ok(here);
             }
             if Instant::now() > deadline {
                 return Err(std::io::Error::other("the mount did not appear"));
@@ -373,8 +377,12 @@ impl Drop for Mount {
             return;
         };
         if session.umount_and_join().is_err() {
-            // Busy (a process still has a file open): detach lazily so the
-            // test can end; the kernel finishes the unmount when it is idle.
+            // Busy: something still has a file open. The session runs in
+            // this process, so a thread of ours blocked in a request would
+            // never get its answer once the session ends, and the process
+            // could not exit. Abort the connection first (every pending and
+            // later request fails with ENOTCONN), then detach lazily.
+            abort_connection(self.connection);
             let _ = std::process::Command::new("fusermount3")
                 .arg("-u")
                 .arg("-z")
@@ -382,4 +390,16 @@ impl Drop for Mount {
                 .status();
         }
     }
+}
+
+/// Aborts FUSE connection `dev` through fusectl (mounted if needed).
+fn abort_connection(dev: u64) {
+    let connections = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(connections).is_ok_and(|mut d| d.next().is_none()) {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(connections)
+            .status();
+    }
+    let _ = std::fs::write(connections.join(dev.to_string()).join("abort"), "1");
 }
