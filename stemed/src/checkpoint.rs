@@ -38,10 +38,30 @@ pub async fn run(
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(e) = once(&store, &socket, retain_records, &stats).await {
-            tracing::warn!(error = %e, "checkpoint failed; will retry");
+        match once(&store, &socket, retain_records, &stats).await {
+            Ok(()) => {}
+            Err(CheckpointError::Flush(e)) => {
+                // A failed fsync cannot be retried honestly (the kernel may
+                // have dropped the dirty pages and a second fsync would
+                // "succeed"), and a later checkpoint would then truncate WAL
+                // records the store does not hold. Stop; restart replays
+                // from the WAL, which still has everything.
+                tracing::error!(error = %e, "store flush failed; stopping so that restart replays the WAL");
+                std::process::exit(70);
+            }
+            Err(CheckpointError::Truncate(e)) => {
+                tracing::warn!(error = %e, "WAL truncation failed; will retry at the next checkpoint");
+            }
         }
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("store flush: {0}")]
+    Flush(crate::store::StoreError),
+    #[error("WAL truncate: {0}")]
+    Truncate(crate::wal_link::WalError),
 }
 
 pub async fn once(
@@ -49,8 +69,8 @@ pub async fn once(
     socket: &std::path::Path,
     retain_records: u64,
     stats: &CheckpointStats,
-) -> anyhow::Result<()> {
-    let flushed = store.flush_async().await?;
+) -> Result<(), CheckpointError> {
+    let flushed = store.flush_async().await.map_err(CheckpointError::Flush)?;
     stats.flushed_lsn.store(flushed, Ordering::Release);
     stats.checkpoints.fetch_add(1, Ordering::Relaxed);
     let below = (flushed + 1).saturating_sub(retain_records);
@@ -58,7 +78,9 @@ pub async fn once(
     if below <= stats.truncated_below_lsn.load(Ordering::Acquire).max(1) {
         return Ok(());
     }
-    let removed = wal_link::truncate(socket, below, Duration::from_secs(5)).await?;
+    let removed = wal_link::truncate(socket, below, Duration::from_secs(5))
+        .await
+        .map_err(CheckpointError::Truncate)?;
     stats.truncated_below_lsn.store(below, Ordering::Release);
     if removed > 0 {
         tracing::info!(

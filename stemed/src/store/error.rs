@@ -22,6 +22,10 @@ pub enum StoreError {
     /// An earlier commit failed; this store must be reopened before applying.
     #[error("store refuses writes after an earlier commit failure; restart and replay")]
     WriteFailed,
+    /// A filesystem call outside sled (fsync of the store's files and
+    /// directories) failed.
+    #[error("store I/O: {0}")]
+    Io(String),
     #[error("background task failed: {0}")]
     Task(String),
 }

@@ -78,6 +78,7 @@ struct CachedEntity {
 }
 
 struct Inner {
+    path: std::path::PathBuf,
     db: sled::Db,
     tree: sled::Tree,
     applied_lsn: AtomicU64,
@@ -110,7 +111,12 @@ impl Store {
                 .max_capacity(cfg.entity_cache_entries)
                 .build()
         });
+        // sled fsyncs its files but never a directory: make the store's
+        // directory entries (and the store directory itself, in its parent
+        // and grandparent) durable before anything relies on them.
+        sync_dir_tree(&cfg.path)?;
         let inner = Inner {
+            path: cfg.path.clone(),
             db,
             tree,
             applied_lsn: AtomicU64::new(applied_lsn),
@@ -602,7 +608,18 @@ impl Store {
         // memory, so the flush below makes it (and all before it) durable.
         let lsn = self.applied_lsn();
         self.inner.db.flush()?;
+        // sled 0.34's flush writes its buffers but leaves the fsync to a
+        // background thread (it waits only for `sync_file_range`), so a
+        // checkpoint could truncate WAL records sled has not made durable.
+        // Found by the power-loss suite. fsync every file and directory of
+        // the store here; only then is `lsn` durable.
+        sync_dir_tree(&self.inner.path)?;
         Ok(lsn)
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.inner.path
     }
 
     /// [`Store::flush`] on the blocking thread pool.
@@ -899,4 +916,39 @@ mod tests {
         assert!(store.size_on_disk() > 0);
         assert_eq!(store.fact_count_estimate(), 2);
     }
+}
+
+/// Directories below the store that are walked when syncing (sled keeps
+/// `blobs/` one level down).
+const SYNC_DEPTH_MAX: usize = 3;
+
+/// fsyncs every regular file and directory under `root` (to
+/// `SYNC_DEPTH_MAX` levels), then `root`'s parent and grandparent, so that
+/// the files' data, their names and the store directory's own name are all
+/// durable.
+fn sync_dir_tree(root: &std::path::Path) -> Result<(), StoreError> {
+    fn walk(dir: &std::path::Path, depth: usize) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_file() {
+                std::fs::File::open(entry.path())?.sync_all()?;
+            } else if kind.is_dir() && depth < SYNC_DEPTH_MAX {
+                walk(&entry.path(), depth + 1)?;
+            }
+        }
+        std::fs::File::open(dir)?.sync_all()
+    }
+    let io = |e: std::io::Error| StoreError::Io(format!("syncing {}: {e}", root.display()));
+    walk(root, 0).map_err(io)?;
+    let mut up = root.canonicalize().map_err(io)?;
+    for _ in 0..2 {
+        if !up.pop() {
+            break;
+        }
+        std::fs::File::open(&up)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
 }

@@ -50,6 +50,8 @@ pub(crate) struct Batcher {
     backoff_max: Duration,
     counters: Arc<WriteCounters>,
     shutdown: Arc<Notify>,
+    /// The applier's progress, to wait for catch-up to be applied.
+    applied: watch::Receiver<u64>,
 }
 
 impl Batcher {
@@ -63,6 +65,7 @@ impl Batcher {
         applied_lsn: u64,
         counters: Arc<WriteCounters>,
         shutdown: Arc<Notify>,
+        applied: watch::Receiver<u64>,
     ) -> Self {
         Batcher {
             link_config,
@@ -78,6 +81,7 @@ impl Batcher {
             backoff_max: Duration::from_millis(config.wal.reconnect_backoff_max_ms),
             counters,
             shutdown,
+            applied,
         }
     }
 
@@ -294,6 +298,20 @@ impl Batcher {
                 span: tracing::Span::none(),
             })
             .await;
+        }
+        // Serving means reads see every durable record: wait until the
+        // applier has applied the catch-up, not just received it. (Found by
+        // the power-loss suite: /readyz said ready with applied_lsn behind.)
+        if self
+            .applied
+            .wait_for(|applied| *applied >= durable_lsn)
+            .await
+            .is_err()
+        {
+            return Err(WalError::Unreachable {
+                socket: self.link_config.socket.display().to_string(),
+                reason: "the applier stopped during catch-up".into(),
+            });
         }
         if durable_lsn > start {
             tracing::info!(

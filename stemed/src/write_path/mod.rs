@@ -175,6 +175,7 @@ impl WritePath {
             store.applied_lsn(),
             counters.clone(),
             shutdown.clone(),
+            hub.applied(),
         );
         let applier = applier::Applier::new(store.clone(), apply_rx, hub, counters.clone());
         let applier = std::thread::Builder::new()
