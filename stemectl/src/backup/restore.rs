@@ -241,7 +241,9 @@ async fn replay(
             next = lsn + 1;
             replayed += 1;
         }
-        progress.tick(next, target.min(next.max(1)));
+        // The last archived segment's start is a lower bound of the total.
+        let total = target.min(segments.last().map_or(next, |s| s.0)).max(next);
+        progress.tick(next, total);
     }
     batch.flush()?;
     if let Some(to) = cfg.to_lsn {
