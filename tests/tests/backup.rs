@@ -679,7 +679,14 @@ async fn s3_archive_survives_archiver_kills_and_restores() {
     // The archiver follows while writes go on; it is killed at random
     // moments (mid-upload or not) and restarted.
     let wal = node.wal_dir();
+    // Round 0 stalls the server (SIGSTOP) before the archiver starts, so the
+    // kill lands in the middle of an upload; the later rounds kill at
+    // random moments.
+    let moto_pid = nix::unistd::Pid::from_raw(moto.child.id() as i32);
     for round in 0..4 {
+        if round == 0 {
+            nix::sys::signal::kill(moto_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        }
         let mut archiver = Command::new(bin("stemectl"))
             .args([
                 "wal",
@@ -702,6 +709,14 @@ async fn s3_archive_survives_archiver_kills_and_restores() {
         let _ = archiver.kill();
         let _ = archiver.wait();
         check_truncation_follows_archive(&wal);
+        if round == 0 {
+            assert_eq!(
+                archived_lsn(&wal),
+                0,
+                "nothing can be archived while the server is stopped"
+            );
+            nix::sys::signal::kill(moto_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        }
         eprintln!("round {round}: archived through {}", archived_lsn(&wal));
     }
     ok_env(
