@@ -197,8 +197,8 @@ impl pb::wal_server::Wal for WalService {
             };
             log::truncate(&index, &dir, below_lsn)
         })
-            .await
-            .map_err(|e| Status::internal(format!("truncate task: {e}")))?;
+        .await
+        .map_err(|e| Status::internal(format!("truncate task: {e}")))?;
         let (first_lsn, segments_removed) = result.map_err(|e| self.err(e))?;
         Ok(Response::new(pb::TruncateResponse {
             first_lsn,
@@ -254,7 +254,11 @@ fn archive_status(config: &Config, index: &SegmentIndex) -> (u64, u64, u64) {
     let first_lsns: Vec<u64> = index
         .paths()
         .iter()
-        .filter_map(|p| p.file_name()?.to_str().and_then(crate::segment::parse_file_name))
+        .filter_map(|p| {
+            p.file_name()?
+                .to_str()
+                .and_then(crate::segment::parse_file_name)
+        })
         .collect();
     let lag = crate::archive_state::lag_segments(&first_lsns, state.archived_through_lsn);
     (state.archived_through_lsn, lag, state.failures_total)
