@@ -22,6 +22,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v nginx >/dev/null || need+=(nginx)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v jq >/dev/null || need+=(jq)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -53,6 +54,13 @@ cargo build --workspace --bins --features wald/failpoints
 
 step "python client (another language)"
 bash tests/python/setup.sh
+
+step "S3-compatible server for the backup tests (moto)"
+if [ ! -x .tools/moto/bin/moto_server ]; then
+  python3 -m venv .tools/moto
+  .tools/moto/bin/pip install --quiet 'moto[server]'
+fi
+export PATH="$PWD/.tools/moto/bin:$PATH"
 
 step "tests"
 cargo test --workspace --features wald/failpoints

@@ -78,10 +78,15 @@ pub async fn once(
     if below <= stats.truncated_below_lsn.load(Ordering::Acquire).max(1) {
         return Ok(());
     }
-    let removed = wal_link::truncate(socket, below, Duration::from_secs(5))
+    let (first_held, removed) = wal_link::truncate(socket, below, Duration::from_secs(5))
         .await
         .map_err(CheckpointError::Truncate)?;
-    stats.truncated_below_lsn.store(below, Ordering::Release);
+    // Remember what walld actually released, so that a truncation it held
+    // back (an unarchived segment, a partly covered one) is asked again at
+    // the next checkpoint even without new writes.
+    stats
+        .truncated_below_lsn
+        .store(first_held.min(below), Ordering::Release);
     if removed > 0 {
         tracing::info!(
             below_lsn = below,

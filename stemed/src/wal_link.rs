@@ -207,14 +207,21 @@ pub async fn status(socket: &Path, timeout: Duration) -> Result<pb::StatusRespon
         .into_inner())
 }
 
-/// Releases WAL segments below `below_lsn`; returns the segments removed.
-pub async fn truncate(socket: &Path, below_lsn: u64, timeout: Duration) -> Result<u64, WalError> {
+/// Releases WAL segments below `below_lsn`; returns `(first_lsn still
+/// held, segments removed)`. walld may hold back more than asked (whole
+/// segments only, and never an unarchived one).
+pub async fn truncate(
+    socket: &Path,
+    below_lsn: u64,
+    timeout: Duration,
+) -> Result<(u64, u64), WalError> {
     let mut c = client(connect_channel(socket, timeout).await?);
     let mut req = tonic::Request::new(pb::TruncateRequest { below_lsn });
     req.set_timeout(timeout);
-    Ok(c.truncate(req)
+    let r = c
+        .truncate(req)
         .await
         .map_err(|s| status_error(socket, s))?
-        .into_inner()
-        .segments_removed)
+        .into_inner();
+    Ok((r.first_lsn, r.segments_removed))
 }

@@ -774,6 +774,41 @@ fn load_or_create_secret(tree: &sled::Tree) -> Result<[u8; TOKEN_SECRET_BYTES], 
     Ok(secret)
 }
 
+/// Directories below the store that are walked when syncing (sled keeps
+/// `blobs/` one level down).
+const SYNC_DEPTH_MAX: usize = 3;
+
+/// fsyncs every regular file and directory under `root` (to
+/// `SYNC_DEPTH_MAX` levels), then `root`'s parent and grandparent, so that
+/// the files' data, their names and the store directory's own name are all
+/// durable.
+fn sync_dir_tree(root: &std::path::Path) -> Result<(), StoreError> {
+    fn walk(dir: &std::path::Path, depth: usize) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_file() {
+                std::fs::File::open(entry.path())?.sync_all()?;
+            } else if kind.is_dir() && depth < SYNC_DEPTH_MAX {
+                walk(&entry.path(), depth + 1)?;
+            }
+        }
+        std::fs::File::open(dir)?.sync_all()
+    }
+    let io = |e: std::io::Error| StoreError::Io(format!("syncing {}: {e}", root.display()));
+    walk(root, 0).map_err(io)?;
+    let mut up = root.canonicalize().map_err(io)?;
+    for _ in 0..2 {
+        if !up.pop() {
+            break;
+        }
+        std::fs::File::open(&up)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -916,39 +951,4 @@ mod tests {
         assert!(store.size_on_disk() > 0);
         assert_eq!(store.fact_count_estimate(), 2);
     }
-}
-
-/// Directories below the store that are walked when syncing (sled keeps
-/// `blobs/` one level down).
-const SYNC_DEPTH_MAX: usize = 3;
-
-/// fsyncs every regular file and directory under `root` (to
-/// `SYNC_DEPTH_MAX` levels), then `root`'s parent and grandparent, so that
-/// the files' data, their names and the store directory's own name are all
-/// durable.
-fn sync_dir_tree(root: &std::path::Path) -> Result<(), StoreError> {
-    fn walk(dir: &std::path::Path, depth: usize) -> std::io::Result<()> {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
-            if kind.is_file() {
-                std::fs::File::open(entry.path())?.sync_all()?;
-            } else if kind.is_dir() && depth < SYNC_DEPTH_MAX {
-                walk(&entry.path(), depth + 1)?;
-            }
-        }
-        std::fs::File::open(dir)?.sync_all()
-    }
-    let io = |e: std::io::Error| StoreError::Io(format!("syncing {}: {e}", root.display()));
-    walk(root, 0).map_err(io)?;
-    let mut up = root.canonicalize().map_err(io)?;
-    for _ in 0..2 {
-        if !up.pop() {
-            break;
-        }
-        std::fs::File::open(&up)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
 }
