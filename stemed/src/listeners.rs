@@ -297,7 +297,8 @@ fn incoming(listener: TcpListener, draining: watch::Receiver<bool>) -> LbIncomin
                     };
                     if let Some(accepted) = accepted {
                         let next = Phase::Accepting(listener, draining);
-                        return Some((accepted.map(|(s, _)| s), Some(next)));
+                        let stream = accepted.and_then(|(s, _)| nodelay(s));
+                        return Some((stream, Some(next)));
                     }
                     // tokio accepts only after epoll reports readiness; the
                     // std listener asks the kernel directly.
@@ -319,7 +320,8 @@ fn incoming(listener: TcpListener, draining: watch::Receiver<bool>) -> LbIncomin
         let (stream, _) = listener.accept().ok()?;
         let stream = stream
             .set_nonblocking(true)
-            .and_then(|_| TcpStream::from_std(stream));
+            .and_then(|_| TcpStream::from_std(stream))
+            .and_then(nodelay);
         Some((stream, Some(Phase::HandingOver(listener, taken + 1))))
     }
     Box::pin(stream)
@@ -395,4 +397,23 @@ mod tests {
         LbListener::disabled().drain().await;
         lb.closed().await;
     }
+}
+
+/// Turns Nagle off on an accepted gRPC connection. tonic's
+/// `Server::tcp_nodelay` applies only to listeners tonic binds itself, not
+/// to streams handed to `serve_with_incoming`; without this, small
+/// responses wait for the peer's delayed ACK (about 40 ms per Get).
+pub fn nodelay(stream: TcpStream) -> std::io::Result<TcpStream> {
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Accepted connections of `listener`, each with Nagle off.
+pub fn accepted_nodelay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
+    futures::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |r| r.and_then(nodelay),
+    )
 }

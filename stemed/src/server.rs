@@ -20,7 +20,6 @@ use anyhow::Context;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stemedb_proto::store::v1::store_server::StoreServer;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -145,7 +144,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop_rx.clone(),
     ));
     let grpc = tokio::spawn(serve_grpc(
-        TcpListenerStream::new(grpc_listener),
+        listeners::accepted_nodelay(grpc_listener),
         grpc_parts(),
         health_service,
         stop_rx,
