@@ -327,6 +327,25 @@ fn incoming(listener: TcpListener, draining: watch::Receiver<bool>) -> LbIncomin
     Box::pin(stream)
 }
 
+/// Turns Nagle off on an accepted gRPC connection. tonic's
+/// `Server::tcp_nodelay` applies only to listeners tonic binds itself, not
+/// to streams handed to `serve_with_incoming`; without this, small
+/// responses wait for the peer's delayed ACK (about 40 ms per Get).
+pub fn nodelay(stream: TcpStream) -> std::io::Result<TcpStream> {
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Accepted connections of `listener`, each with Nagle off.
+pub fn accepted_nodelay(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
+    futures::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |r| r.and_then(nodelay),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,23 +416,4 @@ mod tests {
         LbListener::disabled().drain().await;
         lb.closed().await;
     }
-}
-
-/// Turns Nagle off on an accepted gRPC connection. tonic's
-/// `Server::tcp_nodelay` applies only to listeners tonic binds itself, not
-/// to streams handed to `serve_with_incoming`; without this, small
-/// responses wait for the peer's delayed ACK (about 40 ms per Get).
-pub fn nodelay(stream: TcpStream) -> std::io::Result<TcpStream> {
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// Accepted connections of `listener`, each with Nagle off.
-pub fn accepted_nodelay(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<TcpStream>> + Send + 'static {
-    futures::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |r| r.and_then(nodelay),
-    )
 }

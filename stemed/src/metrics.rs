@@ -144,7 +144,7 @@ fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
 fn node_instruments(s: AdminState) -> Vec<Box<dyn std::any::Any + Send + Sync>> {
     let m = meter();
     // (name, unit, help, read): names carry no unit and no `_total`.
-    let counters: [(&'static str, &'static str, Read); 4] = [
+    let counters: [(&'static str, &'static str, Read); 6] = [
         (
             "stemedb_assertions_ingested",
             "Assertions committed by this node.",
@@ -164,6 +164,16 @@ fn node_instruments(s: AdminState) -> Vec<Box<dyn std::any::Any + Send + Sync>> 
             "stemedb_api_rate_limited",
             "Requests refused by a rate limit.",
             |s| load(&s.ops.rate_limited),
+        ),
+        (
+            "stemedb_entity_cache_hits",
+            "Current-view Gets answered from the entity cache.",
+            |s| s.store.cache_stats().0,
+        ),
+        (
+            "stemedb_entity_cache_misses",
+            "Current-view Gets that had to scan the store.",
+            |s| s.store.cache_stats().1,
         ),
     ];
     let gauges: [(&'static str, &'static str, &'static str, Read); 11] = [

@@ -126,6 +126,11 @@ async fn checkpoints_truncate_the_wal_and_restart_still_recovers_everything() {
         assert_eq!(v.facts[0].tx, *tx);
         assert_eq!(v.facts[0].value, Value::Text(blob.clone()));
     }
+    // The second Get of an entity is answered from the entity cache.
+    c.get("cp:0", None).await.unwrap();
+    let m = metrics(&node);
+    assert!(m["stemedb_entity_cache_misses_total"] >= 340.0, "{m:?}");
+    assert!(m["stemedb_entity_cache_hits_total"] >= 1.0, "{m:?}");
 }
 
 #[tokio::test]

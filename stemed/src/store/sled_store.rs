@@ -78,6 +78,8 @@ struct CachedEntity {
 }
 
 struct Inner {
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
     path: std::path::PathBuf,
     db: sled::Db,
     tree: sled::Tree,
@@ -116,6 +118,8 @@ impl Store {
         // and grandparent) durable before anything relies on them.
         sync_dir_tree(&cfg.path)?;
         let inner = Inner {
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             path: cfg.path.clone(),
             db,
             tree,
@@ -368,9 +372,11 @@ impl Store {
             .filter(|_| basis == current);
         if let Some(cache) = cache {
             if let Some(hit) = cache.get(entity) {
+                self.inner.cache_hits.fetch_add(1, Ordering::Relaxed);
                 // The entry was current at every LSN from its basis until now.
                 return Ok((hit.facts.clone(), hit.basis_tx.max(basis)));
             }
+            self.inner.cache_misses.fetch_add(1, Ordering::Relaxed);
         }
         let facts = self.scan_entity(entity, basis)?;
         if let Some(cache) = cache {
@@ -615,6 +621,14 @@ impl Store {
         // the store here; only then is `lsn` durable.
         sync_dir_tree(&self.inner.path)?;
         Ok(lsn)
+    }
+
+    /// Entity-cache hits and misses of current-view `get`s since open.
+    pub fn cache_stats(&self) -> (u64, u64) {
+        (
+            self.inner.cache_hits.load(Ordering::Relaxed),
+            self.inner.cache_misses.load(Ordering::Relaxed),
+        )
     }
 
     /// The store's directory.
