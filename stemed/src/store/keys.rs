@@ -546,38 +546,8 @@ mod tests {
     use proptest::prelude::*;
     use std::cmp::Ordering;
 
-    fn value_rank(v: &Value) -> u8 {
-        match v {
-            Value::Text(_) => 1,
-            Value::Int64(_) => 2,
-            Value::Double(_) => 3,
-            Value::Bool(_) => 4,
-            Value::Bytes(_) => 5,
-            Value::Ref(_) => 6,
-            Value::Timestamp { .. } => 7,
-        }
-    }
-
-    /// The intended order of values: by kind, then naturally (doubles by `total_cmp`).
     fn cmp_value(a: &Value, b: &Value) -> Ordering {
-        match (a, b) {
-            (Value::Text(x), Value::Text(y)) | (Value::Ref(x), Value::Ref(y)) => x.cmp(y),
-            (Value::Int64(x), Value::Int64(y)) => x.cmp(y),
-            (Value::Double(x), Value::Double(y)) => x.total_cmp(y),
-            (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
-            (Value::Bytes(x), Value::Bytes(y)) => x.cmp(y),
-            (
-                Value::Timestamp {
-                    seconds: s1,
-                    nanos: n1,
-                },
-                Value::Timestamp {
-                    seconds: s2,
-                    nanos: n2,
-                },
-            ) => (s1, n1).cmp(&(s2, n2)),
-            _ => value_rank(a).cmp(&value_rank(b)),
-        }
+        a.documented_cmp(b)
     }
 
     fn assertion(entity: String, attribute: String, value: Value, source: String) -> Assertion {

@@ -19,6 +19,44 @@ pub enum Value {
     },
 }
 
+impl Value {
+    /// The documented order of values, which query results follow: by kind
+    /// (text < int64 < double < bool < bytes < ref < timestamp), then
+    /// naturally within a kind (doubles by `f64::total_cmp`). The key
+    /// encoding in `keys.rs` must sort exactly like this; its tests check it.
+    pub fn documented_cmp(&self, other: &Value) -> std::cmp::Ordering {
+        fn rank(v: &Value) -> u8 {
+            match v {
+                Value::Text(_) => 1,
+                Value::Int64(_) => 2,
+                Value::Double(_) => 3,
+                Value::Bool(_) => 4,
+                Value::Bytes(_) => 5,
+                Value::Ref(_) => 6,
+                Value::Timestamp { .. } => 7,
+            }
+        }
+        match (self, other) {
+            (Value::Text(x), Value::Text(y)) | (Value::Ref(x), Value::Ref(y)) => x.cmp(y),
+            (Value::Int64(x), Value::Int64(y)) => x.cmp(y),
+            (Value::Double(x), Value::Double(y)) => x.total_cmp(y),
+            (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
+            (Value::Bytes(x), Value::Bytes(y)) => x.cmp(y),
+            (
+                Value::Timestamp {
+                    seconds: s1,
+                    nanos: n1,
+                },
+                Value::Timestamp {
+                    seconds: s2,
+                    nanos: n2,
+                },
+            ) => (s1, n1).cmp(&(s2, n2)),
+            _ => rank(self).cmp(&rank(other)),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     Assert,
