@@ -347,6 +347,21 @@ fn terminate(child: Option<Child>) -> Option<i32> {
     }
 }
 
+/// A size field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`, ...);
+/// `None` when the process is gone or has no such field.
+pub fn proc_status_bytes(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    // "VmRSS:\t   12345 kB"
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The resident set size of a process, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    proc_status_bytes(pid, "VmRSS")
+}
+
 /// A minimal HTTP/1.1 GET against 127.0.0.1; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     http_request(port, "GET", path, None)

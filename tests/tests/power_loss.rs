@@ -40,7 +40,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const SOURCE: &str = "power-loss";
 
 fn cycles(default: usize) -> usize {
-    std::env::var("STEMEDB_POWER_LOSS_CYCLES")
+    env_count("STEMEDB_POWER_LOSS_CYCLES", default)
+}
+
+fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
@@ -708,8 +712,24 @@ async fn power_loss_cycles(test: &str, options: RigOptions) {
             next.iter().sum::<usize>()
         );
     }
-    // The node serves again: retrying every write ever sent with its key
-    // lands none twice, and acknowledged ones are deduplicated to their tx.
+    retry_every_fifth_key(&rig, seed, &acks, &next).await;
+    let acked = acks.lock().unwrap().len();
+    assert!(
+        acked > 50 * cycles.min(5),
+        "the workload barely ran ({acked} acks)"
+    );
+    eprintln!(
+        "{test}: {cycles} cycles, {acked} acknowledged, {:.1} s, {}",
+        started.elapsed().as_secs_f64(),
+        rig.mount.stats()
+    );
+}
+
+/// The node serves again: retrying every 5th write ever sent with its key
+/// lands none twice, and acknowledged ones are deduplicated to their tx.
+/// Then the end-to-end checks, without the order check: a retried write
+/// that had not landed lands now, out of its writer's order.
+async fn retry_every_fifth_key(rig: &Rig, seed: u64, acks: &Acks, next: &[usize]) {
     let c = Client::connect(rig.grpc_url()).await.unwrap();
     for (w, &n) in next.iter().enumerate() {
         for i in (0..n).step_by(5) {
@@ -729,19 +749,337 @@ async fn power_loss_cycles(test: &str, options: RigOptions) {
             acks.lock().unwrap().insert((w, i), r.tx);
         }
     }
-    // A retried write that had not landed lands now, out of its writer's
-    // order: no order check.
-    verify(&rig, seed, &acks, &next, false).await;
+    verify(rig, seed, acks, next, false).await;
+}
+
+// ---------------------------------------------------------------------
+// kill -9 only: walld, stemed or both, on faultfs that never crashes (a
+// killed process loses nothing it wrote: the page cache survives it).
+
+/// Cycles of the kill -9 test in CI.
+const KILL_CYCLES_CI: usize = 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kill {
+    Walld,
+    Stemed,
+    Both,
+}
+
+/// Each cycle kill -9s walld only, stemed only, or both (seeded; the first
+/// three cycles are each kind once, in a seeded order) at a seeded moment
+/// under the concurrent writers, without crashing faultfs, and restarts
+/// what was killed. While only walld is dead, stemed stays up and behaves
+/// as `docs/operations/runbooks/stemedb-down.md` says: writes fail with
+/// `UNAVAILABLE`, `/readyz` is 503, `stemedb_wal_up` is 0, and once walld
+/// is back stemed reconnects by itself (it is not restarted). After each
+/// cycle: the end-to-end checks (`verify`), dense WAL LSNs covering every
+/// acknowledged tx (`check_wal_dense`), and Get, Query by value and Get as
+/// of the tx before against the model of the acknowledged transactions
+/// (`check_reads_against_model`). STEMEDB_KILL_CYCLES sets the cycle count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_cycles_walld_stemed_or_both() {
+    let test = "kill_9_cycles_walld_stemed_or_both";
+    let seed = stemedb_tests::seed(test);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut rig = Rig::new();
+    rig.start_walld().await;
+    rig.start_stemed().await;
+    let acks: Acks = Arc::default();
+    let mut next = vec![0usize; WRITERS];
+    let cycles = env_count("STEMEDB_KILL_CYCLES", KILL_CYCLES_CI);
+    let mut first = [Kill::Walld, Kill::Stemed, Kill::Both];
+    rand::seq::SliceRandom::shuffle(&mut first[..], &mut rng);
+    let mut kinds: BTreeMap<Kill, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<(Kill, String), u64> = BTreeMap::new();
+    let mut restarts_ms: Vec<u128> = Vec::new();
+    for cycle in 0..cycles {
+        let kill = match first.get(cycle) {
+            Some(&k) => k,
+            None => [Kill::Walld, Kill::Stemed, Kill::Both][rng.gen_range(0..3)],
+        };
+        *kinds.entry(kill).or_default() += 1;
+        let writers = Writers::start(&rig, seed, &acks, &next);
+        let run_ms = rng.gen_range(200..1200);
+        tokio::time::sleep(Duration::from_millis(run_ms)).await;
+        rig.mark_logs(&format!(
+            "kill -9 {kill:?}, cycle {cycle}, after {run_ms} ms"
+        ));
+        let restart;
+        match kill {
+            Kill::Walld => {
+                kill9(rig.walld.take());
+                let acked_at_kill = acks.lock().unwrap().len();
+                walld_down_checks(&rig, seed).await;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..300))).await;
+                let acked_down = acks.lock().unwrap().len();
+                // Replies walld sent just before it died may arrive late:
+                // at most one per writer. Anything more was acknowledged
+                // with walld dead.
+                assert!(
+                    acked_down <= acked_at_kill + WRITERS,
+                    "{} writes acknowledged while walld was dead; seed {seed}\n{}",
+                    acked_down - acked_at_kill,
+                    rig.logs()
+                );
+                restart = Instant::now();
+                rig.start_walld().await;
+                // stemed reconnects by itself: not restarted.
+                rig.wait_ready().await;
+                let admin = rig.admin_port;
+                eventually("stemedb_wal_up 1", Duration::from_secs(10), || {
+                    wal_up(admin) == Some(1)
+                })
+                .await;
+                // The writers (which kept writing) are acknowledged again.
+                eventually(
+                    "writes acknowledged after walld is back",
+                    Duration::from_secs(20),
+                    || acks.lock().unwrap().len() > acked_down + WRITERS,
+                )
+                .await;
+            }
+            Kill::Stemed => {
+                kill9(rig.stemed.take());
+                restart = Instant::now();
+            }
+            Kill::Both => {
+                if rng.gen_bool(0.5) {
+                    kill9(rig.stemed.take());
+                    kill9(rig.walld.take());
+                } else {
+                    kill9(rig.walld.take());
+                    kill9(rig.stemed.take());
+                }
+                restart = Instant::now();
+            }
+        }
+        let cycle_errors = writers.errors.lock().unwrap().clone();
+        next = writers.stop().await;
+        if rig.walld.is_none() {
+            rig.start_walld().await;
+        }
+        if rig.stemed.is_none() {
+            rig.start_stemed().await;
+        }
+        let restart_ms = restart.elapsed().as_millis();
+        restarts_ms.push(restart_ms);
+        rig.wait_caught_up().await;
+        let present = verify(&rig, seed, &acks, &next, true).await;
+        let (first_lsn, last_lsn) = check_wal_dense(&rig, seed, &acks).await;
+        check_reads_against_model(&rig, seed, &acks, &mut rng).await;
+        if kill == Kill::Walld {
+            // stemed stayed up: its clients saw walld's absence as
+            // UNAVAILABLE, nothing else.
+            let other: Vec<_> = cycle_errors
+                .iter()
+                .filter(|(code, _)| code.as_str() != "Unavailable")
+                .collect();
+            assert!(
+                other.is_empty(),
+                "with only walld killed, writes failed with {other:?}; seed {seed}\n{}",
+                rig.logs()
+            );
+        }
+        for (code, n) in cycle_errors {
+            *errors.entry((kill, code)).or_default() += n;
+        }
+        eprintln!(
+            "cycle {cycle}: kill -9 {kill:?} after {run_ms} ms; back in {restart_ms} ms; {} \
+             acknowledged, {present} present, {} sent; WAL LSNs {first_lsn}..={last_lsn}",
+            acks.lock().unwrap().len(),
+            next.iter().sum::<usize>()
+        );
+    }
+    retry_every_fifth_key(&rig, seed, &acks, &next).await;
+    check_wal_dense(&rig, seed, &acks).await;
     let acked = acks.lock().unwrap().len();
     assert!(
         acked > 50 * cycles.min(5),
         "the workload barely ran ({acked} acks)"
     );
+    restarts_ms.sort_unstable();
     eprintln!(
-        "{test}: {cycles} cycles, {acked} acknowledged, {:.1} s, {}",
+        "{test}: {cycles} cycles {kinds:?}, {acked} acknowledged, none lost or doubled; \
+         failed writes by (kill, status): {errors:?}; back in {}..{} ms (median {}); {:.1} s; {}",
+        restarts_ms.first().unwrap_or(&0),
+        restarts_ms.last().unwrap_or(&0),
+        restarts_ms.get(restarts_ms.len() / 2).unwrap_or(&0),
         started.elapsed().as_secs_f64(),
         rig.mount.stats()
     );
+}
+
+/// `stemedb_wal_up` from stemed's `/metrics`.
+fn wal_up(admin_port: u16) -> Option<u64> {
+    let (code, body) = stemedb_tests::http_get(admin_port, "/metrics").ok()?;
+    if code != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|l| l.strip_prefix("stemedb_wal_up "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// With walld dead and stemed up (the runbook for `StemeDBDown`): stemed
+/// stays live, `/readyz` goes 503, `stemedb_wal_up` 0, and a write fails
+/// with `UNAVAILABLE`.
+async fn walld_down_checks(rig: &Rig, seed: u64) {
+    let admin = rig.admin_port;
+    eventually(
+        "/readyz 503 with walld dead",
+        Duration::from_secs(10),
+        || matches!(stemedb_tests::http_get(admin, "/readyz"), Ok((503, _))),
+    )
+    .await;
+    assert!(
+        matches!(stemedb_tests::http_get(admin, "/healthz"), Ok((200, _))),
+        "stemed must stay live while walld is dead\n{}",
+        rig.logs()
+    );
+    assert_eq!(wal_up(admin), Some(0), "stemedb_wal_up with walld dead");
+    let c = Client::connect_with(
+        rig.grpc_url(),
+        ClientOptions {
+            retry_max: 0,
+            timeout: Duration::from_secs(5),
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .expect("connect to stemed");
+    let e = c
+        .transact(vec![Assertion::assert(
+            format!("kill:probe:{seed}"),
+            "x",
+            1,
+        )
+        .source("kill-probe")])
+        .await
+        .expect_err("a write with walld dead must fail");
+    assert_eq!(
+        e.code(),
+        Some(tonic::Code::Unavailable),
+        "write with walld dead: {e}\n{}",
+        rig.logs()
+    );
+}
+
+/// The WAL's LSNs are dense from the first record kept (checkpoints
+/// truncate below it) to walld's durable LSN, which covers every
+/// acknowledged tx (a tx is its record's LSN) and equals stemed's applied
+/// LSN. Returns (first, durable) LSN.
+async fn check_wal_dense(rig: &Rig, seed: u64, acks: &Acks) -> (u64, u64) {
+    let mut c = wal_connect(&rig.socket()).await;
+    let durable = c
+        .status(pb::StatusRequest {})
+        .await
+        .expect("walld status")
+        .into_inner()
+        .durable_lsn;
+    let records = wal_read_all(&mut c).await;
+    let first = records.first().map_or(durable + 1, |r| r.0);
+    for (k, (lsn, _)) in records.iter().enumerate() {
+        assert_eq!(
+            *lsn,
+            first + k as u64,
+            "WAL LSNs not dense; seed {seed}\n{}",
+            rig.logs()
+        );
+    }
+    let last = records.last().map_or(durable, |r| r.0);
+    assert_eq!(
+        last, durable,
+        "the WAL ends at {last}, walld's durable LSN is {durable}; seed {seed}"
+    );
+    let top = acks.lock().unwrap().values().copied().max().unwrap_or(0);
+    assert!(
+        top <= durable,
+        "acknowledged tx {top} is past walld's durable LSN {durable}; seed {seed}\n{}",
+        rig.logs()
+    );
+    let (applied, stemed_durable) = rig.lsns();
+    assert!(
+        applied == durable && stemed_durable == durable,
+        "stemed applied {applied} and sees durable {stemed_durable}, walld's durable LSN is \
+         {durable}; seed {seed}"
+    );
+    (first, durable)
+}
+
+/// Reads of a seeded sample of acknowledged transactions against the model
+/// (each is exactly its two facts at its tx): Get, Query by value (the
+/// value index), and Get as of the tx before (nothing yet).
+async fn check_reads_against_model(
+    rig: &Rig,
+    seed: u64,
+    acks: &Acks,
+    rng: &mut rand::rngs::StdRng,
+) {
+    let c = Client::connect(rig.grpc_url()).await.expect("connect");
+    let all: Vec<((usize, usize), u64)> =
+        acks.lock().unwrap().iter().map(|(k, v)| (*k, *v)).collect();
+    if all.is_empty() {
+        return;
+    }
+    let ctx = || format!("seed {seed}\n{}", rig.logs());
+    for _ in 0..20 {
+        let ((w, i), tx) = all[rng.gen_range(0..all.len())];
+        let e = entity(w, i);
+        let view = c
+            .get(&e, None)
+            .await
+            .unwrap_or_else(|err| panic!("get {e}: {err}; {}", ctx()));
+        let mut got: Vec<(String, u64, Value)> = view
+            .facts
+            .iter()
+            .filter(|f| f.op == stemedb_client::Op::Assert)
+            .map(|f| (f.attribute.clone(), f.tx, f.value.clone()))
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            vec![
+                ("payload".into(), tx, Value::Text(payload(seed, w, i))),
+                ("seq".into(), tx, Value::Int64(seq_value(w, i))),
+            ],
+            "get {e}: {:?}; {}",
+            view.facts,
+            ctx()
+        );
+        assert_eq!(view.facts.len(), 2, "get {e}: {:?}; {}", view.facts, ctx());
+        let by_value: Vec<_> = c
+            .query(
+                Query::attribute("seq")
+                    .value(seq_value(w, i))
+                    .source(SOURCE),
+            )
+            .try_collect()
+            .await
+            .unwrap_or_else(|err| panic!("query seq = {}: {err}; {}", seq_value(w, i), ctx()));
+        assert!(
+            by_value.len() == 1 && by_value[0].entity == e && by_value[0].tx == tx,
+            "query seq = {}: {by_value:?}, expected {e} at tx {tx}; {}",
+            seq_value(w, i),
+            ctx()
+        );
+        if tx < 2 {
+            continue;
+        }
+        let before = c
+            .get(&e, Some(tx - 1))
+            .await
+            .unwrap_or_else(|err| panic!("get {e} as of {}: {err}; {}", tx - 1, ctx()));
+        assert!(
+            before.facts.is_empty(),
+            "get {e} as of {} (before its tx): {:?}; {}",
+            tx - 1,
+            before.facts,
+            ctx()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------
