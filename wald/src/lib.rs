@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod epoch;
 pub mod error;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod group_commit;
 pub mod grpc;
 pub mod log;

@@ -81,6 +81,12 @@ fn scan(data: &[u8], first_lsn: u64) -> Scan {
             break Stop::Clean;
         };
         match record::decode(rest) {
+            // The writer never assigns it (the next LSN would overflow), so
+            // a frame claiming it is damage, whatever its CRC says.
+            Decoded::Record { lsn: u64::MAX, .. } => {
+                let reason = "frame LSN is u64::MAX, past the end of the LSN space".to_string();
+                break Stop::Bad { offset, reason };
+            }
             Decoded::Record {
                 lsn, frame_bytes, ..
             } if lsn == expected => {
