@@ -23,6 +23,9 @@ command -v nginx >/dev/null || need+=(nginx)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v jq >/dev/null || need+=(jq)
+command -v etcd >/dev/null || need+=(etcd-server)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
+command -v pgbench >/dev/null || need+=(postgresql-client)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -71,6 +74,11 @@ step "benchmarks, smoke mode"
 # commands in docs/benchmarks.md.
 STEMEDB_BENCH_SMOKE=1 cargo test -p wald --features failpoints --bench wal_bench
 bash scripts/bench-stemed.sh --smoke
+
+step "StemeDB beside etcd and PostgreSQL, smoke mode"
+# One short round of bench/compare.sh on the debug build: proves the
+# comparison runs end to end (table on stdout; docs/benchmarks.md untouched).
+bash bench/compare.sh --quick
 
 echo
 echo "all checks passed in $(( $(date +%s) - started )) s"

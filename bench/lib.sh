@@ -1,0 +1,99 @@
+# Shell functions shared by the benchmark scripts; source it from bash:
+#
+#   source bench/lib.sh
+#   stemedb_node_start "$bin" "$dir/stemedb"   # walld + stemed
+#   ... "$bin/stemectl" --addr "$STEMEDB_ADDR" ...
+#   stemedb_node_stop
+#
+# The node is the production layout: walld and stemed as separate
+# processes, stemed's WAL over walld's Unix socket, on free loopback ports.
+
+# bench_free_port: prints a TCP port on 127.0.0.1 that was free just now.
+bench_free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# bench_free_ports N: prints N distinct free ports, one a line.
+bench_free_ports() {
+  local n=$1 p seen=" "
+  while [ "$n" -gt 0 ]; do
+    p=$(bench_free_port)
+    case "$seen" in *" $p "*) continue ;; esac
+    seen="$seen$p "
+    echo "$p"
+    n=$((n - 1))
+  done
+}
+
+STEMEDB_WALLD_PID=""
+STEMEDB_STEMED_PID=""
+STEMEDB_ADDR=""
+STEMEDB_ADMIN=""
+STEMEDB_NODE_DIR=""
+
+# stemedb_node_start BIN_DIR DIR: starts walld and stemed from BIN_DIR
+# with their data, socket and logs under DIR; returns once stemed is
+# ready. Sets STEMEDB_WALLD_PID, STEMEDB_STEMED_PID, STEMEDB_ADDR (gRPC
+# URL) and STEMEDB_ADMIN (admin HTTP URL).
+stemedb_node_start() {
+  local bin=$1 dir=$2 grpc_port admin_port ready=0 root_flag=()
+  mkdir -p "$dir"
+  STEMEDB_NODE_DIR=$dir
+  { read -r grpc_port; read -r admin_port; } < <(bench_free_ports 2)
+  STEMEDB_ADDR=http://127.0.0.1:$grpc_port
+  STEMEDB_ADMIN=http://127.0.0.1:$admin_port
+  [ "$(id -u)" = 0 ] && root_flag=(--allow-root)
+  "$bin/walld" --dir "$dir/wal" --socket "$dir/walld.sock" "${root_flag[@]}" >"$dir/walld.log" 2>&1 &
+  STEMEDB_WALLD_PID=$!
+  for _ in $(seq 1 200); do [ -S "$dir/walld.sock" ] && break; sleep 0.05; done
+  [ -S "$dir/walld.sock" ] || { echo "walld did not start (log: $dir/walld.log)" >&2; return 1; }
+  "$bin/stemed" --data-dir "$dir/data" --wal-socket "$dir/walld.sock" \
+    --grpc-addr "127.0.0.1:$grpc_port" --admin-addr "127.0.0.1:$admin_port" >"$dir/stemed.log" 2>&1 &
+  STEMEDB_STEMED_PID=$!
+  for _ in $(seq 1 300); do
+    if curl -sf "$STEMEDB_ADMIN/readyz" >/dev/null 2>&1; then ready=1; break; fi
+    kill -0 "$STEMEDB_STEMED_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  [ "$ready" = 1 ] || { echo "stemed did not become ready (log: $dir/stemed.log)" >&2; return 1; }
+}
+
+# stemedb_node_stop: stops the node stemedb_node_start started (only those
+# two processes, by pid); safe to call more than once.
+stemedb_node_stop() {
+  if [ -n "$STEMEDB_STEMED_PID" ]; then
+    { kill "$STEMEDB_STEMED_PID" 2>/dev/null && wait "$STEMEDB_STEMED_PID" 2>/dev/null; } || true
+    STEMEDB_STEMED_PID=""
+  fi
+  if [ -n "$STEMEDB_WALLD_PID" ]; then
+    { kill "$STEMEDB_WALLD_PID" 2>/dev/null && wait "$STEMEDB_WALLD_PID" 2>/dev/null; } || true
+    STEMEDB_WALLD_PID=""
+  fi
+  return 0
+}
+
+# stemedb_node_tail_logs: prints the end of the node's logs to stderr.
+stemedb_node_tail_logs() {
+  local log
+  for log in "$STEMEDB_NODE_DIR"/walld.log "$STEMEDB_NODE_DIR"/stemed.log; do
+    [ -f "$log" ] && { echo "--- $log (last 30 lines)" >&2; tail -n 30 "$log" >&2; }
+  done
+  return 0
+}
+
+# bench_rss_reset PID...: resets the peak resident set size (VmHWM) of
+# each process to its current RSS (Linux clear_refs 5).
+bench_rss_reset() {
+  local pid
+  for pid in "$@"; do echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; done
+}
+
+# bench_rss_peak_kib PID...: the sum of the processes' VmHWM, in KiB.
+bench_rss_peak_kib() {
+  local pid total=0 kib
+  for pid in "$@"; do
+    kib=$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+    total=$((total + ${kib:-0}))
+  done
+  echo "$total"
+}
