@@ -16,6 +16,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod devmode;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod grpc;
 pub mod listeners;
 pub mod metrics;

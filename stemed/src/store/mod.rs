@@ -39,7 +39,7 @@ mod error;
 mod keys;
 mod live;
 pub mod model;
-mod page;
+pub(crate) mod page;
 mod sled_store;
 
 pub use error::StoreError;
