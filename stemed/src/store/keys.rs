@@ -10,17 +10,21 @@
 //! | tag  | key                                              | value              |
 //! |------|--------------------------------------------------|--------------------|
 //! | 0x00 | meta name (raw bytes)                            | meta value         |
-//! | 0x01 | EAVT entity, attribute, value, source, tx, pos   | claim payload      |
-//! | 0x02 | AEVT attribute, entity, value, source, tx, pos   | claim payload      |
 //! | 0x03 | AVET attribute, value, entity, source, tx, pos   | claim payload      |
-//! | 0x04 | VAET ref target, attribute, entity, source, tx, pos (Ref values only) | claim payload |
-//! | 0x05 | HIST entity, tx, pos                             | history payload    |
-//! | 0x06 | HISTA entity, attribute, tx, pos                 | history payload    |
 //! | 0x07 | TXLOG tx                                         | `codec::encode_tx` |
 //! | 0x08 | IDEM idempotency key (raw utf-8, rest of key)    | tx u64, recorded_at i64 |
 //! | 0x09 | IDEM_BY_TIME recorded_at (ordered i64), tx       | idempotency key    |
+//! | 0x0A | ENT entity, tx                                   | the entity's assertions in tx |
 //!
-//! The last 12 bytes of every claim-index key are `tx u64 BE | pos u32 BE`,
+//! One ENT entry per (entity, transaction) is both the entity's history (in
+//! tx order) and the source of `get` (folded into the live claims as of a
+//! basis), so a transaction of n assertions on one entity costs one ENT
+//! entry, n AVET entries and one TXLOG entry. Format 1 also kept per-claim
+//! EAVT (0x01), AEVT (0x02), VAET (0x04) and per-version history HIST
+//! (0x05) / HISTA (0x06) entries; those tags are retired (see
+//! `sled_store::migrate_format_1`) and must not be reused.
+//!
+//! The last 12 bytes of every AVET key are `tx u64 BE | pos u32 BE`,
 //! so all versions of one claim are adjacent and in tx order.
 
 use super::codec::{self, Reader};
@@ -28,17 +32,16 @@ use super::error::{corrupt, StoreError};
 use super::model::{Assertion, Op, Value};
 
 pub(crate) const META: u8 = 0x00;
-pub(crate) const EAVT: u8 = 0x01;
-pub(crate) const AEVT: u8 = 0x02;
+/// Retired format-1 tags (EAVT, AEVT, VAET, HIST, HISTA), removed by the
+/// format-1 migration.
+pub(crate) const RETIRED_FORMAT_1: [u8; 5] = [0x01, 0x02, 0x04, 0x05, 0x06];
 pub(crate) const AVET: u8 = 0x03;
-pub(crate) const VAET: u8 = 0x04;
-pub(crate) const HIST: u8 = 0x05;
-pub(crate) const HISTA: u8 = 0x06;
 pub(crate) const TXLOG: u8 = 0x07;
 pub(crate) const IDEM: u8 = 0x08;
 pub(crate) const IDEM_BY_TIME: u8 = 0x09;
+pub(crate) const ENT: u8 = 0x0A;
 
-/// Bytes of `tx u64 BE | pos u32 BE` at the end of claim and history keys.
+/// Bytes of `tx u64 BE | pos u32 BE` at the end of AVET keys and history cursors.
 pub(crate) const VERSION_SUFFIX_BYTES: usize = 12;
 
 const ESCAPE: u8 = 0x00;
@@ -258,10 +261,79 @@ pub(crate) fn meta_key(name: &str) -> Vec<u8> {
     k
 }
 
-// Format: { 0x01 | entity esc }   (prefix of EAVT keys of one entity)
-pub(crate) fn eavt_entity_prefix(entity: &str) -> Vec<u8> {
-    let mut k = vec![EAVT];
+// Format: { 0x0A | entity esc }   (prefix of the ENT keys of one entity)
+pub(crate) fn ent_prefix(entity: &str) -> Vec<u8> {
+    let mut k = vec![ENT];
     push_escaped(&mut k, entity.as_bytes());
+    k
+}
+
+// Format: { 0x0A | entity esc | tx u64 BE }
+pub(crate) fn ent_key(entity: &str, tx: u64) -> Vec<u8> {
+    let mut k = ent_prefix(entity);
+    k.extend_from_slice(&tx.to_be_bytes());
+    k
+}
+
+/// The tx of an ENT key whose entity prefix is `prefix_len` bytes long.
+pub(crate) fn ent_key_tx(key: &[u8], prefix_len: usize) -> Result<u64, StoreError> {
+    let tail: [u8; 8] = key
+        .get(prefix_len..)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "ENT key of {} bytes does not end in a tx after its {prefix_len}-byte entity prefix",
+                key.len()
+            ))
+        })?;
+    Ok(u64::from_be_bytes(tail))
+}
+
+// Format: { recorded_at_micros i64 BE | count u32 BE | count × { pos u32 BE | assertion (codec assertion format) } }
+// Positions increase within one value.
+pub(crate) fn encode_ent_value(recorded_at_micros: i64, items: &[(u32, &Assertion)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12 + items.len() * 48);
+    v.extend_from_slice(&recorded_at_micros.to_be_bytes());
+    let n = u32::try_from(items.len()).expect("a transaction has fewer than u32::MAX assertions");
+    v.extend_from_slice(&n.to_be_bytes());
+    for (pos, a) in items {
+        v.extend_from_slice(&pos.to_be_bytes());
+        codec::encode_assertion(&mut v, a);
+    }
+    v
+}
+
+/// One ENT value taken apart: recorded_at and the (pos, assertion) items.
+pub(crate) fn decode_ent_value(bytes: &[u8]) -> Result<(i64, Vec<(u32, Assertion)>), StoreError> {
+    let mut r = Reader::new(bytes, "entity log entry");
+    let at = r.i64()?;
+    let n = r.u32()? as usize;
+    // Every item takes at least 5 bytes (pos and op), so a corrupt count
+    // cannot make this allocate more than the value's own size.
+    let mut items = Vec::with_capacity(n.min(r.remaining() / 5));
+    let mut previous = None;
+    for _ in 0..n {
+        let pos = r.u32()?;
+        if previous.is_some_and(|p| p >= pos) {
+            return Err(corrupt(format!(
+                "entity log entry positions are not increasing at {pos}"
+            )));
+        }
+        previous = Some(pos);
+        items.push((pos, codec::decode_assertion(&mut r)?));
+    }
+    r.finish()?;
+    Ok((at, items))
+}
+
+/// The order of claims within one entity, as `get` returns them: attribute,
+/// then value (in the documented value order), then source.
+// Format: { attribute esc | value | source esc }
+pub(crate) fn claim_order_key(a: &Assertion) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.attribute.len() + a.source.len() + 24);
+    push_escaped(&mut k, a.attribute.as_bytes());
+    push_value(&mut k, &a.value);
+    push_escaped(&mut k, a.source.as_bytes());
     k
 }
 
@@ -275,42 +347,17 @@ pub(crate) fn avet_prefix(attribute: &str, value: Option<&Value>) -> Vec<u8> {
     k
 }
 
-/// The claim-index keys of one assertion: EAVT, AEVT, AVET and, for Ref
-/// values, VAET.
-// Format: EAVT { 0x01 | entity esc | attribute esc | value | source esc | tx u64 BE | pos u32 BE }
-//         AEVT { 0x02 | attribute esc | entity esc | value | source esc | tx | pos }
-//         AVET { 0x03 | attribute esc | value | entity esc | source esc | tx | pos }
-//         VAET { 0x04 | ref target esc | attribute esc | entity esc | source esc | tx | pos }
-pub(crate) fn claim_keys(a: &Assertion, tx: u64, pos: u32) -> Vec<Vec<u8>> {
-    let (e, at, s) = (
-        a.entity.as_bytes(),
-        a.attribute.as_bytes(),
-        a.source.as_bytes(),
-    );
-    let mut value = Vec::with_capacity(16);
-    push_value(&mut value, &a.value);
-    let build = |space: u8, parts: &[&[u8]], raw_value_at: Option<usize>| {
-        let mut k = Vec::with_capacity(64);
-        k.push(space);
-        for (i, p) in parts.iter().enumerate() {
-            if raw_value_at == Some(i) {
-                k.extend_from_slice(p);
-            } else {
-                push_escaped(&mut k, p);
-            }
-        }
-        push_version(&mut k, tx, pos);
-        k
-    };
-    let mut keys = vec![
-        build(EAVT, &[e, at, &value, s], Some(2)),
-        build(AEVT, &[at, e, &value, s], Some(2)),
-        build(AVET, &[at, &value, e, s], Some(1)),
-    ];
-    if let Value::Ref(target) = &a.value {
-        keys.push(build(VAET, &[target.as_bytes(), at, e, s], None));
-    }
-    keys
+/// The AVET key of one assertion version.
+// Format: AVET { 0x03 | attribute esc | value | entity esc | source esc | tx u64 BE | pos u32 BE }
+pub(crate) fn avet_key(a: &Assertion, tx: u64, pos: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.push(AVET);
+    push_escaped(&mut k, a.attribute.as_bytes());
+    push_value(&mut k, &a.value);
+    push_escaped(&mut k, a.entity.as_bytes());
+    push_escaped(&mut k, a.source.as_bytes());
+    push_version(&mut k, tx, pos);
+    k
 }
 
 /// A claim index key taken apart.
@@ -322,24 +369,6 @@ pub(crate) struct ClaimKey {
     pub source: String,
     pub tx: u64,
     pub pos: u32,
-}
-
-pub(crate) fn decode_eavt(key: &[u8]) -> Result<ClaimKey, StoreError> {
-    let mut r = KeyReader::new(key, EAVT)?;
-    let entity = r.string()?;
-    let attribute = r.string()?;
-    let value = r.value()?;
-    let source = r.string()?;
-    let (tx, pos) = (r.u64()?, r.u32()?);
-    r.finish()?;
-    Ok(ClaimKey {
-        entity,
-        attribute,
-        value,
-        source,
-        tx,
-        pos,
-    })
 }
 
 pub(crate) fn decode_avet(key: &[u8]) -> Result<ClaimKey, StoreError> {
@@ -360,7 +389,7 @@ pub(crate) fn decode_avet(key: &[u8]) -> Result<ClaimKey, StoreError> {
     })
 }
 
-/// The `(tx, pos)` at the end of a claim or history key.
+/// The `(tx, pos)` at the end of an AVET key or a history cursor.
 pub(crate) fn version_of(key: &[u8]) -> Result<(u64, u32), StoreError> {
     if key.len() < 1 + VERSION_SUFFIX_BYTES {
         return Err(corrupt(format!(
@@ -374,26 +403,6 @@ pub(crate) fn version_of(key: &[u8]) -> Result<(u64, u32), StoreError> {
     let mut pos = [0u8; 4];
     pos.copy_from_slice(&s[8..]);
     Ok((u64::from_be_bytes(tx), u32::from_be_bytes(pos)))
-}
-
-// Format: { 0x05 | entity esc }  or  { 0x06 | entity esc | attribute esc }
-pub(crate) fn history_prefix(entity: &str, attribute: Option<&str>) -> Vec<u8> {
-    let mut k = vec![if attribute.is_some() { HISTA } else { HIST }];
-    push_escaped(&mut k, entity.as_bytes());
-    if let Some(a) = attribute {
-        push_escaped(&mut k, a.as_bytes());
-    }
-    k
-}
-
-// Format: HIST { 0x05 | entity esc | tx u64 BE | pos u32 BE }
-//         HISTA { 0x06 | entity esc | attribute esc | tx u64 BE | pos u32 BE }
-pub(crate) fn history_keys(a: &Assertion, tx: u64, pos: u32) -> [Vec<u8>; 2] {
-    let mut by_entity = history_prefix(&a.entity, None);
-    push_version(&mut by_entity, tx, pos);
-    let mut by_attr = history_prefix(&a.entity, Some(&a.attribute));
-    push_version(&mut by_attr, tx, pos);
-    [by_entity, by_attr]
 }
 
 /// `prefix | tx | pos` for history range bounds.
@@ -510,22 +519,6 @@ pub(crate) fn payload_op(bytes: &[u8]) -> Result<Op, StoreError> {
     }
 }
 
-// Format: { recorded_at_micros i64 BE | assertion (codec assertion format) }
-pub(crate) fn encode_history_payload(a: &Assertion, recorded_at_micros: i64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64);
-    v.extend_from_slice(&recorded_at_micros.to_be_bytes());
-    codec::encode_assertion(&mut v, a);
-    v
-}
-
-pub(crate) fn decode_history_payload(bytes: &[u8]) -> Result<(i64, Assertion), StoreError> {
-    let mut r = Reader::new(bytes, "history payload");
-    let at = r.i64()?;
-    let a = codec::decode_assertion(&mut r)?;
-    r.finish()?;
-    Ok((at, a))
-}
-
 /// The smallest key greater than every key starting with `prefix`, or `None`
 /// if there is none (prefix all 0xFF).
 pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -569,55 +562,68 @@ mod tests {
 
     proptest! {
         #[test]
-        fn eavt_order_matches_tuple_order(a in arb_claim(), b in arb_claim()) {
-            let ka = &claim_keys(&assertion(a.0.clone(), a.1.clone(), a.2.clone(), a.3.clone()), a.4, a.5)[0];
-            let kb = &claim_keys(&assertion(b.0.clone(), b.1.clone(), b.2.clone(), b.3.clone()), b.4, b.5)[0];
-            let expected = a.0.cmp(&b.0)
-                .then(a.1.cmp(&b.1))
+        fn claim_order_matches_tuple_order(a in arb_claim(), b in arb_claim()) {
+            let ka = claim_order_key(&assertion(a.0.clone(), a.1.clone(), a.2.clone(), a.3.clone()));
+            let kb = claim_order_key(&assertion(b.0.clone(), b.1.clone(), b.2.clone(), b.3.clone()));
+            let expected = a.1.cmp(&b.1)
                 .then(cmp_value(&a.2, &b.2))
-                .then(a.3.cmp(&b.3))
-                .then(a.4.cmp(&b.4))
-                .then(a.5.cmp(&b.5));
-            prop_assert_eq!(ka.cmp(kb), expected);
+                .then(a.3.cmp(&b.3));
+            prop_assert_eq!(ka.cmp(&kb), expected);
         }
 
         #[test]
         fn avet_order_matches_tuple_order(a in arb_claim(), b in arb_claim()) {
-            let ka = &claim_keys(&assertion(a.0.clone(), a.1.clone(), a.2.clone(), a.3.clone()), a.4, a.5)[2];
-            let kb = &claim_keys(&assertion(b.0.clone(), b.1.clone(), b.2.clone(), b.3.clone()), b.4, b.5)[2];
+            let ka = avet_key(&assertion(a.0.clone(), a.1.clone(), a.2.clone(), a.3.clone()), a.4, a.5);
+            let kb = avet_key(&assertion(b.0.clone(), b.1.clone(), b.2.clone(), b.3.clone()), b.4, b.5);
             let expected = a.1.cmp(&b.1)
                 .then(cmp_value(&a.2, &b.2))
                 .then(a.0.cmp(&b.0))
                 .then(a.3.cmp(&b.3))
                 .then(a.4.cmp(&b.4))
                 .then(a.5.cmp(&b.5));
-            prop_assert_eq!(ka.cmp(kb), expected);
+            prop_assert_eq!(ka.cmp(&kb), expected);
         }
 
         #[test]
-        fn claim_keys_decode_back(c in arb_claim()) {
+        fn avet_keys_decode_back(c in arb_claim()) {
             let a = assertion(c.0.clone(), c.1.clone(), c.2.clone(), c.3.clone());
-            let keys = claim_keys(&a, c.4, c.5);
-            for (k, decoded) in [(&keys[0], decode_eavt(&keys[0])?), (&keys[2], decode_avet(&keys[2])?)] {
-                prop_assert_eq!(&decoded.entity, &c.0);
-                prop_assert_eq!(&decoded.attribute, &c.1);
-                let mut re = Vec::new();
-                push_value(&mut re, &decoded.value);
-                let mut orig = Vec::new();
-                push_value(&mut orig, &c.2);
-                prop_assert_eq!(re, orig);
-                prop_assert_eq!(&decoded.source, &c.3);
-                prop_assert_eq!((decoded.tx, decoded.pos), (c.4, c.5));
-                prop_assert_eq!(version_of(k)?, (c.4, c.5));
+            let k = avet_key(&a, c.4, c.5);
+            let decoded = decode_avet(&k)?;
+            prop_assert_eq!(&decoded.entity, &c.0);
+            prop_assert_eq!(&decoded.attribute, &c.1);
+            let mut re = Vec::new();
+            push_value(&mut re, &decoded.value);
+            let mut orig = Vec::new();
+            push_value(&mut orig, &c.2);
+            prop_assert_eq!(re, orig);
+            prop_assert_eq!(&decoded.source, &c.3);
+            prop_assert_eq!((decoded.tx, decoded.pos), (c.4, c.5));
+            prop_assert_eq!(version_of(&k)?, (c.4, c.5));
+        }
+
+        #[test]
+        fn ent_keys_are_in_tx_order_within_an_entity(e in "[a\u{0}\u{ff}b]{0,4}", f in "[a\u{0}\u{ff}b]{0,4}", t1 in any::<u64>(), t2 in any::<u64>()) {
+            let (k1, k2) = (ent_key(&e, t1), ent_key(&e, t2));
+            prop_assert_eq!(k1.cmp(&k2), t1.cmp(&t2));
+            prop_assert_eq!(ent_key_tx(&k1, ent_prefix(&e).len())?, t1);
+            // Another entity's keys never fall under this entity's prefix.
+            if e != f {
+                prop_assert!(!ent_key(&f, t2).starts_with(&ent_prefix(&e)));
             }
         }
 
         #[test]
-        fn history_order_is_tx_then_pos(e in "[a\u{0}b]{0,4}", t1 in any::<u64>(), p1 in any::<u32>(), t2 in any::<u64>(), p2 in any::<u32>()) {
-            let a = assertion(e, "x".into(), Value::Bool(true), "s".into());
-            let k1 = &history_keys(&a, t1, p1)[0];
-            let k2 = &history_keys(&a, t2, p2)[0];
-            prop_assert_eq!(k1.cmp(k2), (t1, p1).cmp(&(t2, p2)));
+        fn ent_values_decode_back(c in arb_claim(), d in arb_claim(), at in any::<i64>()) {
+            let a = assertion(c.0.clone(), c.1.clone(), c.2.clone(), c.3.clone());
+            let b = assertion(c.0.clone(), d.1.clone(), d.2.clone(), d.3.clone());
+            let v = encode_ent_value(at, &[(3, &a), (9, &b)]);
+            let (at2, items) = decode_ent_value(&v)?;
+            prop_assert_eq!(at2, at);
+            prop_assert_eq!(items.len(), 2);
+            prop_assert_eq!(items[0].0, 3);
+            prop_assert_eq!(items[1].0, 9);
+            prop_assert_eq!(claim_order_key(&items[0].1), claim_order_key(&a));
+            prop_assert_eq!(claim_order_key(&items[1].1), claim_order_key(&b));
         }
 
         #[test]
@@ -628,11 +634,11 @@ mod tests {
 
         #[test]
         fn random_keys_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = decode_eavt(&bytes);
             let _ = decode_avet(&bytes);
             let _ = version_of(&bytes);
             let _ = decode_claim_payload(&bytes);
-            let _ = decode_history_payload(&bytes);
+            let _ = decode_ent_value(&bytes);
+            let _ = ent_key_tx(&bytes, 3);
         }
     }
 
