@@ -5,6 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use stemed::config::Config;
 
+/// sled allocates and frees a node copy on every insert; glibc malloc's
+/// arena locks made that a point of contention between the applier and
+/// sled's flusher threads (seen in profiles). mimalloc has per-thread heaps.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The StemeDB API server. With no flags it runs a development node: data in
 /// ./stemedb-data, a child walld on a socket there, gRPC on 127.0.0.1:18181
 /// and admin HTTP on 127.0.0.1:18180.
