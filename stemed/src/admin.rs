@@ -6,13 +6,15 @@
 //! | `GET /healthz` | liveness |
 //! | `GET /readyz` | 200 only when walld is connected, replay has caught up, the node is not draining and the WAL is not failed or full; the JSON body says why not |
 //! | `GET /v1/admin/status` | node state |
-//! | `POST /v1/admin/node/drain`, `/undrain` | drain (persisted) |
+//! | `POST /v1/admin/node/drain`, `/undrain` | drain (persisted); no body, or `{}` |
 //! | `GET`/`POST /v1/admin/rate-limit` | `{"max_writes_per_sec": N}`; 0 or null removes it (persisted) |
 //!
 //! Bounded: at most `ADMIN_CONNECTIONS_MAX` connections, headers within
 //! `HEADER_TIMEOUT`, whole requests within `REQUEST_TIMEOUT` (408), bodies
-//! up to `BODY_BYTES_MAX` (413). JSON bodies are accepted whatever their
-//! Content-Type, so `curl -d '{...}'` works as operators type it.
+//! up to `BODY_BYTES_MAX` (413, refused on the `Content-Length` alone, or
+//! once that much of a chunked body has arrived). JSON bodies are accepted
+//! whatever their Content-Type, so `curl -d '{...}'` works as operators
+//! type it. Every error, the bounds' own included, is `{"error": "..."}`.
 
 use crate::auth::{AdminAuth, AdminDecision};
 use crate::checkpoint::CheckpointStats;
@@ -82,7 +84,45 @@ pub fn router(state: AdminState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// The bounds' own refusals (413 from the body limit, 408 from the
+/// request timeout, 405 from the router) carry plain text or nothing; like
+/// every other admin error they become `{"error": ...}` naming the bound.
+async fn json_errors(response: Response) -> Response {
+    let is_json = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    match response.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds BODY_BYTES_MAX ({BODY_BYTES_MAX} bytes)"),
+        ),
+        StatusCode::REQUEST_TIMEOUT => error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request not received within REQUEST_TIMEOUT ({} s)",
+                REQUEST_TIMEOUT.as_secs()
+            ),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this admin route",
+            );
+            if let Some(allow) = response.headers().get("allow") {
+                r.headers_mut().insert("allow", allow.clone());
+            }
+            r
+        }
+        _ => response,
+    }
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
@@ -214,7 +254,10 @@ async fn set_serving(s: &AdminState, serving: bool) {
     }
 }
 
-async fn drain(State(s): State<AdminState>) -> Response {
+async fn drain(State(s): State<AdminState>, body: Bytes) -> Response {
+    if let Err(msg) = no_body("drain", &body) {
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
     // First out of the load balancer, then refuse writes: a request that
     // nginx already routed here must not meet the drain.
     s.lb.drain().await;
@@ -229,7 +272,10 @@ async fn drain(State(s): State<AdminState>) -> Response {
     drain_reply(&s)
 }
 
-async fn undrain(State(s): State<AdminState>) -> Response {
+async fn undrain(State(s): State<AdminState>, body: Bytes) -> Response {
+    if let Err(msg) = no_body("undrain", &body) {
+        return error(StatusCode::BAD_REQUEST, msg);
+    }
     if let Err(e) = s.ops.set_draining(false) {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -240,6 +286,25 @@ async fn undrain(State(s): State<AdminState>) -> Response {
     s.lb.undrain();
     tracing::info!("node serving again");
     drain_reply(&s)
+}
+
+/// drain and undrain take no parameters: an empty body or `{}` (what
+/// `curl -d '{}'` sends); anything else is refused rather than ignored, so
+/// a client that believes it passed an option learns it did not.
+fn no_body(route: &str, body: &[u8]) -> Result<(), String> {
+    if body.trim_ascii().is_empty() {
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| format!("body is not JSON: {e}; {route} takes no body (send none or {{}})"))?;
+    match v.as_object() {
+        Some(o) if o.is_empty() => Ok(()),
+        Some(o) => Err(format!(
+            "body: unknown field {:?}; {route} takes no body (send none or {{}})",
+            o.keys().next().map(String::as_str).unwrap_or_default()
+        )),
+        None => Err(format!("body must be empty or {{}}; {route} takes no body")),
+    }
 }
 
 fn drain_reply(s: &AdminState) -> Response {
@@ -427,7 +492,18 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::parse_rate_limit;
+    use super::{no_body, parse_rate_limit};
+
+    #[test]
+    fn drain_bodies() {
+        for ok in [&b""[..], b"  \n", b"{}", b" { } "] {
+            assert_eq!(no_body("drain", ok), Ok(()), "{ok:?}");
+        }
+        for bad in [&b"{"[..], b"[]", b"1", br#"{"force": true}"#, b"\xff"] {
+            let err = no_body("drain", bad).unwrap_err();
+            assert!(err.contains("body"), "{err}");
+        }
+    }
 
     #[test]
     fn rate_limit_bodies() {

@@ -86,6 +86,16 @@ pub struct Limits {
     pub page_limit_max: usize,
     /// Watch streams open at once.
     pub watch_streams_max: usize,
+    /// gRPC connections open at once, across the public and load-balancer
+    /// listeners; past it a new connection is closed as soon as it is
+    /// accepted. Keep it below the open-file limit (`LimitNOFILE`).
+    pub grpc_connections_max: usize,
+    /// Concurrent HTTP/2 streams (calls) per gRPC connection, advertised as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; a client queues calls beyond it.
+    pub grpc_streams_per_connection_max: u32,
+    /// How long a new gRPC connection may take to send the HTTP/2 preface
+    /// (with TLS: its first 24 bytes) before it is closed.
+    pub grpc_handshake_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -199,6 +209,9 @@ impl Default for Limits {
             page_limit_default: 100,
             page_limit_max: 1_000,
             watch_streams_max: 1_024,
+            grpc_connections_max: 4_096,
+            grpc_streams_per_connection_max: 256,
+            grpc_handshake_timeout_ms: 10_000,
         }
     }
 }
@@ -372,6 +385,18 @@ impl Config {
             l.write_queue_depth_max >= 1,
             "limits.write_queue_depth_max must be at least 1"
         );
+        anyhow::ensure!(
+            l.grpc_connections_max >= 1,
+            "limits.grpc_connections_max must be at least 1"
+        );
+        anyhow::ensure!(
+            l.grpc_streams_per_connection_max >= 1,
+            "limits.grpc_streams_per_connection_max must be at least 1"
+        );
+        anyhow::ensure!(
+            l.grpc_handshake_timeout_ms >= 1,
+            "limits.grpc_handshake_timeout_ms must be at least 1"
+        );
         Ok(())
     }
 
@@ -385,6 +410,10 @@ impl Config {
 
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.read_timeout_ms)
+    }
+
+    pub fn grpc_handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.grpc_handshake_timeout_ms)
     }
 }
 

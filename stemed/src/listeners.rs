@@ -20,6 +20,13 @@
 //! never socket-activated: a socket held open by systemd would queue
 //! connections instead of refusing them.
 //!
+//! **Hostile connections** ([`guarded`]): both gRPC listeners share one cap
+//! (`limits.grpc_connections_max`; past it a connection is closed when
+//! accepted), each connection must send the HTTP/2 preface within
+//! `limits.grpc_handshake_timeout_ms`, and accept errors (out of file
+//! descriptors, say) are logged and retried after a pause instead of
+//! spinning.
+//!
 //! # Invariants
 //! - The drain handler calls [`LbListener::drain`] *before* the node
 //!   refuses writes, so no request routed here by the load balancer meets
@@ -344,6 +351,200 @@ pub fn accepted_nodelay(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
         |r| r.and_then(nodelay),
     )
+}
+
+/// The bounds on gRPC connections (`[limits]`), shared by the public and
+/// load-balancer listeners.
+#[derive(Clone)]
+pub struct GrpcConnLimits {
+    /// One permit per open connection (`grpc_connections_max`).
+    pub slots: std::sync::Arc<tokio::sync::Semaphore>,
+    pub connections_max: usize,
+    /// `grpc_handshake_timeout_ms`.
+    pub handshake_timeout: Duration,
+}
+
+impl GrpcConnLimits {
+    pub fn new(connections_max: usize, handshake_timeout: Duration) -> GrpcConnLimits {
+        GrpcConnLimits {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(connections_max)),
+            connections_max,
+            handshake_timeout,
+        }
+    }
+}
+
+/// Bytes of the HTTP/2 client connection preface (`PRI * HTTP/2.0...`).
+pub const HTTP2_PREFACE_BYTES: usize = 24;
+/// Pause after a failed accept (e.g. out of file descriptors), so that a
+/// pending connection the kernel keeps reporting does not spin the loop.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The connections a gRPC server serves: each holds a slot of
+/// `grpc_connections_max` until it closes and must send its first
+/// [`HTTP2_PREFACE_BYTES`] within `grpc_handshake_timeout_ms`. Past the cap
+/// a connection is closed as soon as it is accepted. Accept errors are
+/// logged and skipped after [`ACCEPT_ERROR_BACKOFF`], never handed to the
+/// server.
+pub fn guarded<I>(
+    incoming: I,
+    limits: GrpcConnLimits,
+) -> impl Stream<Item = std::io::Result<GrpcConn>> + Send + 'static
+where
+    I: Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
+{
+    let refused = std::sync::Arc::new(RefusedLog::default());
+    futures::StreamExt::filter_map(incoming, move |accepted| {
+        let (limits, refused) = (limits.clone(), refused.clone());
+        async move {
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    return None;
+                }
+            };
+            match limits.slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(Ok(GrpcConn::new(stream, slot, limits.handshake_timeout))),
+                Err(_) => {
+                    refused.note(&stream, limits.connections_max);
+                    None
+                }
+            }
+        }
+    })
+}
+
+/// Logs refused connections at most once a second, with how many were
+/// refused since the last line, so a flood cannot flood the log.
+#[derive(Default)]
+struct RefusedLog {
+    since_last: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl RefusedLog {
+    fn note(&self, stream: &TcpStream, max: usize) {
+        use std::sync::atomic::Ordering;
+        let n = self.since_last.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        self.since_last.fetch_sub(n, Ordering::Relaxed);
+        tracing::warn!(
+            peer = ?stream.peer_addr().ok(),
+            refused = n,
+            "gRPC connections refused: grpc_connections_max ({max}) connections open"
+        );
+    }
+}
+
+/// An accepted gRPC connection (see [`guarded`]).
+pub struct GrpcConn {
+    stream: TcpStream,
+    /// Until the preface has arrived: when to give up on it.
+    preface_deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    preface_left: usize,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl GrpcConn {
+    fn new(
+        stream: TcpStream,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        handshake_timeout: Duration,
+    ) -> GrpcConn {
+        GrpcConn {
+            stream,
+            preface_deadline: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
+            preface_left: HTTP2_PREFACE_BYTES,
+            _slot: slot,
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for GrpcConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::Connected::connect_info(&self.stream)
+    }
+}
+
+impl tokio::io::AsyncRead for GrpcConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                this.preface_left = this.preface_left.saturating_sub(n);
+                if this.preface_left == 0 || n == 0 {
+                    this.preface_deadline = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = this
+                    .preface_deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                this.preface_deadline = None;
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within grpc_handshake_timeout_ms",
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for GrpcConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    let conn_limits = listeners::GrpcConnLimits::new(
+        config.limits.grpc_connections_max,
+        config.grpc_handshake_timeout(),
+    );
     // The public listener and the load-balancer listener serve the same
     // services; each server instance gets its own parts.
     let grpc_parts = {
@@ -112,6 +116,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tls: grpc_tls.clone(),
             draining: ops.draining(),
             message_bytes_max: limits.grpc_message_bytes_max,
+            streams_per_connection_max: limits.grpc_streams_per_connection_max,
+            conn_limits: conn_limits.clone(),
         }
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -178,6 +184,8 @@ struct GrpcParts {
     tls: Option<tonic::transport::ServerTlsConfig>,
     draining: bool,
     message_bytes_max: usize,
+    streams_per_connection_max: u32,
+    conn_limits: listeners::GrpcConnLimits,
 }
 
 async fn serve_grpc<H, I>(
@@ -188,8 +196,9 @@ async fn serve_grpc<H, I>(
 ) -> anyhow::Result<()>
 where
     H: tonic_health::pb::health_server::Health,
-    I: futures::Stream<Item = std::io::Result<tokio::net::TcpStream>>,
+    I: futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
 {
+    let incoming = listeners::guarded(incoming, parts.conn_limits);
     let health = parts.health;
     if parts.draining {
         health.set_not_serving::<StoreServer<StoreService>>().await;
@@ -209,8 +218,10 @@ where
     }
     builder
         .tcp_nodelay(true)
+        .max_concurrent_streams(parts.streams_per_connection_max)
         .layer(crate::telemetry::GrpcLayer)
         .layer(GrpcAuthLayer(parts.auth))
+        .layer(UndecodableIsInvalidArgument)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -223,6 +234,67 @@ where
         })
         .await
         .context("gRPC server failed")
+}
+
+/// A request body that is not a valid message (bad wire format, invalid
+/// UTF-8 in a string field) is the client's fault: tonic answers INTERNAL
+/// ("failed to decode Protobuf message: <Message>.<field>: ..."), which
+/// clients and alerts read as a server fault, so it becomes
+/// INVALID_ARGUMENT with the same message, which names the field.
+#[derive(Clone)]
+struct UndecodableIsInvalidArgument;
+
+impl<S> tower::Layer<S> for UndecodableIsInvalidArgument {
+    type Service = UndecodableService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        UndecodableService(inner)
+    }
+}
+
+#[derive(Clone)]
+struct UndecodableService<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for UndecodableService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let fut = self.0.call(req);
+        Box::pin(async move {
+            let mut response = fut.await?;
+            undecodable_is_invalid_argument(response.headers_mut());
+            Ok(response)
+        })
+    }
+}
+
+/// Rewrites a trailers-only INTERNAL decode failure to INVALID_ARGUMENT.
+fn undecodable_is_invalid_argument(headers: &mut http::HeaderMap) {
+    const DECODE_FAILED: &[&[u8]] = &[
+        b"failed to decode Protobuf message",
+        b"failed%20to%20decode%20Protobuf%20message",
+    ];
+    let internal = headers.get("grpc-status").map(|v| v.as_bytes()) == Some(b"13");
+    let undecodable = headers
+        .get("grpc-message")
+        .is_some_and(|m| DECODE_FAILED.iter().any(|p| m.as_bytes().starts_with(p)));
+    if internal && undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
 }
 
 /// Idempotency keys older than the retention are dropped hourly, in bounded
