@@ -187,7 +187,9 @@ pub fn recover(dir: &Path, mode: RecoveryMode) -> Result<Recovered> {
     let files = list_segments(dir)?;
     let mut out = Recovered {
         segments: Vec::new(),
-        next_lsn: files.first().map_or(1, |f| f.0),
+        // A file named for LSN 0 is never written (LSN 0 means "no record")
+        // and is always damage; if truncation deletes it, start at 1.
+        next_lsn: files.first().map_or(1, |f| f.0.max(1)),
         active_offset: HEADER_BYTES,
         torn_tails: Vec::new(),
         damage_truncated: None,

@@ -56,3 +56,42 @@ fn wal_segment_header_corpus() {
 fn wal_recovery_corpus() {
     replay("wal_recovery", wald::fuzzing::wal_recovery);
 }
+
+/// The case behind `regressions/wal_recovery/next-lsn-zero`, end to end: a
+/// damaged file named for LSN 0 is the only segment. Refuse names it;
+/// truncate-at-damage deletes it and the log opens, empty, at LSN 1.
+#[test]
+fn a_segment_named_lsn_0_is_damage() {
+    use std::sync::Arc;
+    use wald::error::WalError;
+    use wald::log::{Log, LogOptions};
+    use wald::metrics::Metrics;
+    use wald::recovery::RecoveryMode;
+
+    let dir = tempfile::tempdir().unwrap();
+    let name = wald::segment::file_name(0);
+    std::fs::write(dir.path().join(&name), vec![7u8; 4096]).unwrap();
+    let open = |mode| {
+        let options = LogOptions {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 16 * 1024,
+            recovery_mode: mode,
+            prepare_in_background: false,
+        };
+        Log::open(
+            options,
+            Arc::new(Metrics::new(std::time::Duration::from_secs(60), 64)),
+        )
+    };
+    match open(RecoveryMode::Refuse) {
+        Err(WalError::Corrupt { file, offset, .. }) => {
+            assert!(file.ends_with(&name), "{}", file.display());
+            assert_eq!(offset, 0);
+        }
+        Err(other) => panic!("refuse: {other}"),
+        Ok(_) => panic!("refuse mode opened a WAL with a damaged segment"),
+    }
+    let log = open(RecoveryMode::TruncateAtDamage).expect("truncate-at-damage opens");
+    assert_eq!(log.next_lsn(), 1);
+    assert!(!dir.path().join(&name).exists());
+}
