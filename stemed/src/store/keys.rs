@@ -13,15 +13,15 @@
 //! | 0x03 | AVET attribute, value, entity, source, tx, pos   | claim payload      |
 //! | 0x07 | TXLOG tx                                         | `codec::encode_tx` |
 //! | 0x08 | IDEM idempotency key (raw utf-8, rest of key)    | tx u64, recorded_at i64 |
-//! | 0x09 | IDEM_BY_TIME recorded_at (ordered i64), tx       | idempotency key    |
 //! | 0x0A | ENT entity, tx                                   | the entity's assertions in tx |
 //!
 //! One ENT entry per (entity, transaction) is both the entity's history (in
 //! tx order) and the source of `get` (folded into the live claims as of a
 //! basis), so a transaction of n assertions on one entity costs one ENT
 //! entry, n AVET entries and one TXLOG entry. Format 1 also kept per-claim
-//! EAVT (0x01), AEVT (0x02), VAET (0x04) and per-version history HIST
-//! (0x05) / HISTA (0x06) entries; those tags are retired (see
+//! EAVT (0x01), AEVT (0x02), VAET (0x04), per-version history HIST (0x05)
+//! / HISTA (0x06) and IDEM_BY_TIME (0x09) entries (the idempotency purge now
+//! walks the tx log instead); those tags are retired (see
 //! `sled_store::migrate_format_1`) and must not be reused.
 //!
 //! The last 12 bytes of every AVET key are `tx u64 BE | pos u32 BE`,
@@ -32,13 +32,12 @@ use super::error::{corrupt, StoreError};
 use super::model::{Assertion, Op, Value};
 
 pub(crate) const META: u8 = 0x00;
-/// Retired format-1 tags (EAVT, AEVT, VAET, HIST, HISTA), removed by the
-/// format-1 migration.
-pub(crate) const RETIRED_FORMAT_1: [u8; 5] = [0x01, 0x02, 0x04, 0x05, 0x06];
+/// Retired format-1 tags (EAVT, AEVT, VAET, HIST, HISTA, IDEM_BY_TIME),
+/// removed by the format-1 migration.
+pub(crate) const RETIRED_FORMAT_1: [u8; 6] = [0x01, 0x02, 0x04, 0x05, 0x06, 0x09];
 pub(crate) const AVET: u8 = 0x03;
 pub(crate) const TXLOG: u8 = 0x07;
 pub(crate) const IDEM: u8 = 0x08;
-pub(crate) const IDEM_BY_TIME: u8 = 0x09;
 pub(crate) const ENT: u8 = 0x0A;
 
 /// Bytes of `tx u64 BE | pos u32 BE` at the end of AVET keys and history cursors.
@@ -435,23 +434,6 @@ pub(crate) fn idem_key(key: &str) -> Vec<u8> {
     k
 }
 
-// Format: { 0x09 | recorded_at ordered i64 | tx u64 BE }
-pub(crate) fn idem_by_time_key(recorded_at_micros: i64, tx: u64) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = IDEM_BY_TIME;
-    k[1..9].copy_from_slice(&ordered_i64(recorded_at_micros));
-    k[9..].copy_from_slice(&tx.to_be_bytes());
-    k
-}
-
-pub(crate) fn decode_idem_by_time_key(key: &[u8]) -> Result<(i64, u64), StoreError> {
-    let mut r = KeyReader::new(key, IDEM_BY_TIME)?;
-    let at = r.ordered_i64()?;
-    let tx = r.u64()?;
-    r.finish()?;
-    Ok((at, tx))
-}
-
 // Format: { tx u64 BE | recorded_at_micros i64 BE }
 pub(crate) fn encode_idem_value(tx: u64, recorded_at_micros: i64) -> [u8; 16] {
     let mut v = [0u8; 16];
@@ -624,12 +606,6 @@ mod tests {
             prop_assert_eq!(items[1].0, 9);
             prop_assert_eq!(claim_order_key(&items[0].1), claim_order_key(&a));
             prop_assert_eq!(claim_order_key(&items[1].1), claim_order_key(&b));
-        }
-
-        #[test]
-        fn idem_time_order(a in any::<i64>(), b in any::<i64>()) {
-            prop_assert_eq!(idem_by_time_key(a, 1).cmp(&idem_by_time_key(b, 1)), a.cmp(&b));
-            prop_assert_eq!(decode_idem_by_time_key(&idem_by_time_key(a, 7))?, (a, 7));
         }
 
         #[test]

@@ -44,4 +44,4 @@ mod sled_store;
 
 pub use error::StoreError;
 pub use model::*;
-pub use sled_store::{Store, StoreConfig, PURGE_KEYS_MAX, QUERY_SCAN_VERSIONS_MAX};
+pub use sled_store::{PurgeRound, Store, StoreConfig, PURGE_KEYS_MAX, QUERY_SCAN_VERSIONS_MAX};

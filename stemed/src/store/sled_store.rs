@@ -45,11 +45,21 @@ const META_FORMAT_VERSION: &str = "format_version";
 const META_APPLIED_LSN: &str = "applied_lsn";
 const META_TOKEN_SECRET: &str = "token_secret";
 const META_FACT_COUNT: &str = "fact_count";
+/// The first tx whose idempotency key the purge has not examined yet.
+const META_IDEM_PURGE_NEXT_TX: &str = "idem_purge_next_tx";
 /// Claim versions one `query` page reads at most (checked at claim
 /// boundaries) before it returns a short page with a next token.
 pub const QUERY_SCAN_VERSIONS_MAX: usize = 64 * 1024;
-/// Upper bound on idempotency keys removed by one `purge_idempotency` call.
+/// Upper bound on transactions one idempotency purge round examines.
 pub const PURGE_KEYS_MAX: usize = 4096;
+
+/// What one [`Store::purge_idempotency_round`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PurgeRound {
+    pub keys_removed: usize,
+    /// The round stopped at its bound with expired transactions left.
+    pub more: bool,
+}
 
 /// Configuration of [`Store::open`].
 #[derive(Clone, Debug)]
@@ -310,10 +320,6 @@ impl Store {
             staged.batch.insert(
                 keys::idem_key(key),
                 &keys::encode_idem_value(lsn, rec.recorded_at_micros),
-            );
-            staged.batch.insert(
-                &keys::idem_by_time_key(rec.recorded_at_micros, lsn),
-                key.as_bytes(),
             );
         }
         stage_indexes(&mut staged.batch, lsn, rec)?;
@@ -672,33 +678,76 @@ impl Store {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Removes up to [`PURGE_KEYS_MAX`] idempotency keys recorded more than
-    /// the retention before `now_micros`; returns how many were removed.
+    /// Removes every idempotency key recorded more than the retention
+    /// before `now_micros`, in rounds of [`purge_idempotency_round`] (the
+    /// write gate is released between rounds, so applies interleave);
+    /// returns how many keys were removed.
+    ///
+    /// [`purge_idempotency_round`]: Store::purge_idempotency_round
     pub fn purge_idempotency(&self, now_micros: i64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        loop {
+            let round = self.purge_idempotency_round(now_micros)?;
+            removed += round.keys_removed;
+            if !round.more {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// One bounded purge round: walks the transaction log from the purge
+    /// cursor (meta `idem_purge_next_tx`) over at most [`PURGE_KEYS_MAX`]
+    /// transactions recorded before the cutoff, removing each one's
+    /// idempotency key if the key still maps to it, and advances the cursor
+    /// in the same batch. It stops at the first transaction recorded at or
+    /// after the cutoff: transactions are recorded in LSN order, so the rest
+    /// are younger (after a backwards clock step they may not be; their keys
+    /// are then kept longer, never dropped early).
+    pub fn purge_idempotency_round(&self, now_micros: i64) -> Result<PurgeRound, StoreError> {
         let retention_micros =
             i64::try_from(self.inner.idempotency_retention.as_micros()).unwrap_or(i64::MAX);
         let cutoff = now_micros.saturating_sub(retention_micros);
         let _gate = self.write_lock();
-        let start = keys::idem_by_time_key(i64::MIN, 0);
-        let end = keys::idem_by_time_key(cutoff, 0);
-        let mut batch = Batch::default();
-        let mut removed = 0;
-        for kv in self.inner.tree.range(start..end).take(PURGE_KEYS_MAX) {
-            let (k, v) = kv?;
-            let (_at, tx) = keys::decode_idem_by_time_key(&k)?;
-            let key = std::str::from_utf8(&v)
-                .map_err(|_| corrupt("idempotency key is not valid utf-8"))?;
-            // The key maps to this tx unless the entry is already gone.
-            if self.lookup_idempotency(key)?.is_some_and(|(t, _)| t == tx) {
-                batch.remove(keys::idem_key(key));
-            }
-            batch.remove(k);
-            removed += 1;
+        let from = read_meta_u64(&self.inner.tree, META_IDEM_PURGE_NEXT_TX)?.unwrap_or(1);
+        let through = self.applied_lsn();
+        let mut round = PurgeRound {
+            keys_removed: 0,
+            more: false,
+        };
+        if from > through {
+            return Ok(round);
         }
-        if removed > 0 {
+        let mut batch = Batch::default();
+        let mut next = from;
+        let log = self
+            .inner
+            .tree
+            .range(keys::txlog_key(from)..=keys::txlog_key(through));
+        for (examined, kv) in log.enumerate() {
+            if examined == PURGE_KEYS_MAX {
+                round.more = true;
+                break;
+            }
+            let (k, v) = kv?;
+            let tx = keys::decode_txlog_key(&k)?;
+            let rec = decode_tx(&v)?;
+            if rec.recorded_at_micros >= cutoff {
+                break;
+            }
+            next = tx + 1;
+            if let Some(key) = &rec.idempotency_key {
+                // A purged key may have been used again by a later tx.
+                if self.lookup_idempotency(key)?.is_some_and(|(t, _)| t == tx) {
+                    batch.remove(keys::idem_key(key));
+                    round.keys_removed += 1;
+                }
+            }
+        }
+        if next > from {
+            batch.insert(keys::meta_key(META_IDEM_PURGE_NEXT_TX), &next.to_be_bytes());
             self.inner.tree.apply_batch(batch)?;
         }
-        Ok(removed)
+        Ok(round)
     }
 
     /// Bytes sled uses on disk (0 if it cannot tell).
@@ -1148,9 +1197,14 @@ mod tests {
             store.apply(chunk).unwrap();
         }
         let now = n as i64 + 1_000_000 + 10;
-        assert_eq!(store.purge_idempotency(now).unwrap(), PURGE_KEYS_MAX);
-        assert_eq!(store.purge_idempotency(now).unwrap(), 100);
-        assert_eq!(store.purge_idempotency(now).unwrap(), 0);
+        let round = |keys_removed, more| PurgeRound { keys_removed, more };
+        let r = store.purge_idempotency_round(now).unwrap();
+        assert_eq!(r, round(PURGE_KEYS_MAX, true));
+        assert_eq!(
+            store.purge_idempotency_round(now).unwrap(),
+            round(100, false)
+        );
+        assert_eq!(store.purge_idempotency_round(now).unwrap(), round(0, false));
         assert_eq!(store.lookup_idempotency("k1").unwrap(), None);
         // A purged key can be used again.
         let out = store
