@@ -54,7 +54,8 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 # shellcheck source=bench/lib.sh
 source "$root/bench/lib.sh"
-command_line="bash bench/compare.sh${*:+ $*}"
+# The command as run, with the BENCH_* settings that were given.
+command_line="$(env | grep -E '^BENCH_[A-Z_]+=' | sort | tr '\n' ' ' || true)bash bench/compare.sh${*:+ $*}"
 
 quick=0
 keep=0

@@ -3,10 +3,7 @@
 //! subcommand prints one JSON object shaped like `stemectl bench --output
 //! json` (see `report.rs`).
 
-mod etcd;
-mod fsync;
-mod pgbench;
-mod report;
+use stemedb_peer_bench::{etcd, fsync, pgbench};
 
 use std::path::PathBuf;
 use std::time::Duration;
