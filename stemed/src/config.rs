@@ -94,7 +94,7 @@ pub struct Limits {
     /// SETTINGS_MAX_CONCURRENT_STREAMS; a client queues calls beyond it.
     pub grpc_streams_per_connection_max: u32,
     /// How long a new gRPC connection may take to send the HTTP/2 preface
-    /// (with TLS: its first 24 bytes) before it is closed.
+    /// before it is closed; with TLS, the bound of the TLS handshake too.
     pub grpc_handshake_timeout_ms: u64,
 }
 

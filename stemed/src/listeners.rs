@@ -22,8 +22,10 @@
 //!
 //! **Hostile connections** ([`guarded`]): both gRPC listeners share one cap
 //! (`limits.grpc_connections_max`; past it a connection is closed when
-//! accepted), each connection must send the HTTP/2 preface within
-//! `limits.grpc_handshake_timeout_ms`, and accept errors (out of file
+//! accepted), each connection must send the HTTP/2 preface (its first 24
+//! bytes; with TLS those are the start of the handshake, which tonic bounds
+//! by the same timeout) within `limits.grpc_handshake_timeout_ms`, and
+//! accept errors (out of file
 //! descriptors, say) are logged and retried after a pause instead of
 //! spinning.
 //!

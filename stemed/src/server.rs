@@ -198,7 +198,7 @@ where
     H: tonic_health::pb::health_server::Health,
     I: futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static,
 {
-    let incoming = listeners::guarded(incoming, parts.conn_limits);
+    let incoming = listeners::guarded(incoming, parts.conn_limits.clone());
     let health = parts.health;
     if parts.draining {
         health.set_not_serving::<StoreServer<StoreService>>().await;
@@ -214,6 +214,8 @@ where
         .context("cannot build the reflection service")?;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = parts.tls {
+        // The TLS handshake has the same bound as the preface that follows.
+        let tls = tls.timeout(parts.conn_limits.handshake_timeout);
         builder = builder.tls_config(tls).context("invalid TLS config")?;
     }
     builder

@@ -1029,6 +1029,83 @@ async fn grpc_clients_that_never_speak_http2_are_cut_off_and_connections_are_cap
     }
 }
 
+/// With TLS, a client that starts the TLS handshake and stalls, and one
+/// that completes nothing at all, are closed after
+/// `grpc_handshake_timeout_ms`, while a TLS client is served meanwhile.
+#[tokio::test]
+async fn grpc_tls_handshakes_that_stall_are_cut_off() {
+    const HANDSHAKE_MS: u64 = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let node = Node::start_with(NodeOptions {
+        stemed_env: vec![
+            (
+                "STEMEDB_TLS_CERT_FILE".into(),
+                cert_pem.display().to_string(),
+            ),
+            ("STEMEDB_TLS_KEY_FILE".into(), key_pem.display().to_string()),
+            (
+                "STEMEDB_LIMITS_GRPC_HANDSHAKE_TIMEOUT_MS".into(),
+                HANDSHAKE_MS.to_string(),
+            ),
+        ],
+        ready_curl: Some(vec!["--cacert".into(), cert_pem.display().to_string()]),
+        ..NodeOptions::default()
+    })
+    .await;
+    let connect = || TcpStream::connect(("127.0.0.1", node.grpc_port)).unwrap();
+    let silent = connect();
+    // A TLS record header announcing a 512-byte ClientHello, and 100 bytes
+    // of it: more than the 24 bytes of an HTTP/2 preface, never finished.
+    let mut stalled = connect();
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(100, 0x42);
+    stalled.write_all(&hello).unwrap();
+    let opened = Instant::now();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let ch = Endpoint::from_shared(format!("https://localhost:{}", node.grpc_port))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .expect("a TLS client connects while others stall");
+    pb::store_client::StoreClient::new(ch)
+        .transact(tx(vec![assertion("tls:1", "a", text("v"), "s")]))
+        .await
+        .expect("a TLS client is served while others stall");
+    assert!(
+        opened.elapsed() < Duration::from_secs(2),
+        "the TLS client waited {:?}",
+        opened.elapsed()
+    );
+    for (what, mut s) in [("silent", silent), ("stalled handshake", stalled)] {
+        let left = (opened + Duration::from_millis(HANDSHAKE_MS * 3))
+            .saturating_duration_since(Instant::now());
+        assert!(
+            closed_within(&mut s, left).is_some(),
+            "{what}: still open {:?} after it connected",
+            opened.elapsed()
+        );
+        assert!(
+            opened.elapsed() >= Duration::from_millis(HANDSHAKE_MS - 500),
+            "{what}: closed after {:?}, before grpc_handshake_timeout_ms",
+            opened.elapsed()
+        );
+    }
+    eprintln!(
+        "stalled TLS connections closed {:?} after connecting",
+        opened.elapsed()
+    );
+}
+
 /// `grpc_streams_per_connection_max` is what the server advertises as
 /// SETTINGS_MAX_CONCURRENT_STREAMS: with 4, a fifth Watch on the same
 /// connection waits until one of the four ends, while other connections
