@@ -705,9 +705,11 @@ async fn power_loss_cycles(test: &str, options: RigOptions) {
         let restart_ms = restart.elapsed().as_millis();
         rig.wait_caught_up().await;
         let present = verify(&rig, seed, &acks, &next, true).await;
+        let (first_lsn, last_lsn) = check_wal_dense(&rig, seed, &acks).await;
+        check_reads_against_model(&rig, seed, &acks, &mut rng).await;
         eprintln!(
             "cycle {cycle}: power loss after {run_ms} ms; restart {restart_ms} ms; \
-             {} acknowledged, {present} present, {} sent",
+             {} acknowledged, {present} present, {} sent; WAL LSNs {first_lsn}..={last_lsn}",
             acks.lock().unwrap().len(),
             next.iter().sum::<usize>()
         );
