@@ -265,7 +265,7 @@ async fn oversized_messages_get_a_status_naming_the_limit() {
     expect_status(
         "17 MiB request",
         got,
-        &[Code::OutOfRange, Code::ResourceExhausted],
+        &[Code::OutOfRange],
         &[&GRPC_MESSAGE_BYTES_MAX.to_string()],
     );
     serves_normally(&node, "after:oversized").await;
@@ -318,7 +318,7 @@ async fn oversized_messages_get_a_status_naming_the_limit() {
     expect_status(
         "Get of a 19.7 MiB entity",
         got.map(|r| r.into_inner().facts.len()),
-        &[Code::OutOfRange, Code::ResourceExhausted],
+        &[Code::OutOfRange],
         &[&GRPC_MESSAGE_BYTES_MAX.to_string()],
     );
     serves_normally(&node, "after:big-answer").await;
