@@ -386,8 +386,8 @@ pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// `grpc_connections_max` until it closes and must send its first
 /// [`HTTP2_PREFACE_BYTES`] within `grpc_handshake_timeout_ms`. Past the cap
 /// a connection is closed as soon as it is accepted. Accept errors are
-/// logged and skipped after [`ACCEPT_ERROR_BACKOFF`], never handed to the
-/// server.
+/// skipped after [`ACCEPT_ERROR_BACKOFF`], never handed to the server.
+/// Refusals and accept errors are logged at most once a second each.
 pub fn guarded<I>(
     incoming: I,
     limits: GrpcConnLimits,
@@ -395,14 +395,17 @@ pub fn guarded<I>(
 where
     I: Stream<Item = std::io::Result<TcpStream>> + Send + 'static,
 {
-    let refused = std::sync::Arc::new(RefusedLog::default());
+    let refused = std::sync::Arc::new(Throttle::default());
+    let failed = std::sync::Arc::new(Throttle::default());
     futures::StreamExt::filter_map(incoming, move |accepted| {
-        let (limits, refused) = (limits.clone(), refused.clone());
+        let (limits, refused, failed) = (limits.clone(), refused.clone(), failed.clone());
         async move {
             let stream = match accepted {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed");
+                    if let Some(n) = failed.note() {
+                        tracing::warn!(error = %e, failures = n, "gRPC accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     return None;
                 }
@@ -410,7 +413,14 @@ where
             match limits.slots.clone().try_acquire_owned() {
                 Ok(slot) => Some(Ok(GrpcConn::new(stream, slot, limits.handshake_timeout))),
                 Err(_) => {
-                    refused.note(&stream, limits.connections_max);
+                    if let Some(n) = refused.note() {
+                        tracing::warn!(
+                            peer = ?stream.peer_addr().ok(),
+                            refused = n,
+                            "gRPC connections refused: grpc_connections_max ({}) connections open",
+                            limits.connections_max
+                        );
+                    }
                     None
                 }
             }
@@ -418,29 +428,26 @@ where
     })
 }
 
-/// Logs refused connections at most once a second, with how many were
-/// refused since the last line, so a flood cannot flood the log.
+/// At most one log line a second for an event a client can repeat at will,
+/// carrying how many happened since the last line.
 #[derive(Default)]
-struct RefusedLog {
+struct Throttle {
     since_last: std::sync::atomic::AtomicU64,
     last: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
-impl RefusedLog {
-    fn note(&self, stream: &TcpStream, max: usize) {
+impl Throttle {
+    /// Some(count since the last line) when it is time to log.
+    fn note(&self) -> Option<u64> {
         use std::sync::atomic::Ordering;
         let n = self.since_last.fetch_add(1, Ordering::Relaxed) + 1;
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-            return;
+            return None;
         }
         *last = Some(std::time::Instant::now());
         self.since_last.fetch_sub(n, Ordering::Relaxed);
-        tracing::warn!(
-            peer = ?stream.peer_addr().ok(),
-            refused = n,
-            "gRPC connections refused: grpc_connections_max ({max}) connections open"
-        );
+        Some(n)
     }
 }
 

@@ -1029,6 +1029,83 @@ async fn grpc_clients_that_never_speak_http2_are_cut_off_and_connections_are_cap
     }
 }
 
+/// CPU seconds stemed has used, from /proc/<pid>/stat (utime + stime).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Out of file descriptors, the gRPC accept loop backs off
+/// (`ACCEPT_ERROR_BACKOFF`) instead of spinning on the connection the
+/// kernel keeps offering, and serves again once descriptors are free.
+#[tokio::test]
+async fn grpc_accept_errors_back_off_and_the_node_recovers() {
+    let node = Node::start_with(NodeOptions {
+        stemed_env: vec![(
+            "STEMEDB_LIMITS_GRPC_HANDSHAKE_TIMEOUT_MS".into(),
+            "60000".into(),
+        )],
+        ..NodeOptions::default()
+    })
+    .await;
+    let pid = node.stemed_pid().unwrap();
+    let prlimit = |soft: &str| {
+        let out = std::process::Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg(format!("--nofile={soft}:"))
+            .output()
+            .expect("prlimit (util-linux)");
+        assert!(out.status.success(), "prlimit: {out:?}");
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft_before = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    prlimit(&(open_fds + 4).to_string());
+    // A few take the last descriptors; the rest wait in the backlog while
+    // every accept fails with EMFILE.
+    let held: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", node.grpc_port)).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    let log = std::fs::read_to_string(node.dir.path().join("stemed.log")).unwrap();
+    prlimit(&soft_before);
+    drop(held);
+    eprintln!(
+        "stemed used {:.0}% of a core while out of descriptors",
+        busy * 100.0
+    );
+    assert!(
+        log.contains("gRPC accept failed"),
+        "no accept failure logged: the test did not exhaust descriptors\n{}",
+        node.logs()
+    );
+    assert!(
+        busy < 0.15,
+        "stemed used {:.0}% of a core while out of descriptors",
+        busy * 100.0
+    );
+    let started = Instant::now();
+    serves_normally(&node, "after:emfile").await;
+    eprintln!(
+        "served again {:?} after descriptors were freed",
+        started.elapsed()
+    );
+}
+
 /// With TLS, a client that starts the TLS handshake and stalls, and one
 /// that completes nothing at all, are closed after
 /// `grpc_handshake_timeout_ms`, while a TLS client is served meanwhile.
