@@ -88,7 +88,9 @@ pub struct Limits {
     pub watch_streams_max: usize,
     /// gRPC connections open at once, across the public and load-balancer
     /// listeners; past it a new connection is closed as soon as it is
-    /// accepted. Keep it below the open-file limit (`LimitNOFILE`).
+    /// accepted. Keep it below the open-file limit (`LimitNOFILE`). Behind
+    /// deploy/nginx, which opens one upstream connection per call, it also
+    /// bounds the calls nginx can have in flight to this node.
     pub grpc_connections_max: usize,
     /// Concurrent HTTP/2 streams (calls) per gRPC connection, advertised as
     /// SETTINGS_MAX_CONCURRENT_STREAMS; a client queues calls beyond it.
