@@ -95,6 +95,11 @@ pub struct Limits {
     /// Concurrent HTTP/2 streams (calls) per gRPC connection, advertised as
     /// SETTINGS_MAX_CONCURRENT_STREAMS; a client queues calls beyond it.
     pub grpc_streams_per_connection_max: u32,
+    /// Streams the server may reset for a client's protocol errors (a
+    /// malformed request, say) on one connection before it closes the
+    /// connection with GOAWAY ENHANCE_YOUR_CALM (tonic's default is no
+    /// limit; see RUSTSEC-2024-0003).
+    pub grpc_error_resets_per_connection_max: usize,
     /// How long a new gRPC connection may take to send the HTTP/2 preface
     /// before it is closed; with TLS, the bound of the TLS handshake too.
     pub grpc_handshake_timeout_ms: u64,
@@ -213,6 +218,7 @@ impl Default for Limits {
             watch_streams_max: 1_024,
             grpc_connections_max: 4_096,
             grpc_streams_per_connection_max: 256,
+            grpc_error_resets_per_connection_max: 1_024,
             grpc_handshake_timeout_ms: 10_000,
         }
     }
@@ -394,6 +400,10 @@ impl Config {
         anyhow::ensure!(
             l.grpc_streams_per_connection_max >= 1,
             "limits.grpc_streams_per_connection_max must be at least 1"
+        );
+        anyhow::ensure!(
+            l.grpc_error_resets_per_connection_max >= 1,
+            "limits.grpc_error_resets_per_connection_max must be at least 1"
         );
         anyhow::ensure!(
             l.grpc_handshake_timeout_ms >= 1,

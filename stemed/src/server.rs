@@ -117,6 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             draining: ops.draining(),
             message_bytes_max: limits.grpc_message_bytes_max,
             streams_per_connection_max: limits.grpc_streams_per_connection_max,
+            error_resets_max: limits.grpc_error_resets_per_connection_max,
             conn_limits: conn_limits.clone(),
         }
     };
@@ -185,6 +186,7 @@ struct GrpcParts {
     draining: bool,
     message_bytes_max: usize,
     streams_per_connection_max: u32,
+    error_resets_max: usize,
     conn_limits: listeners::GrpcConnLimits,
 }
 
@@ -221,6 +223,7 @@ where
     builder
         .tcp_nodelay(true)
         .max_concurrent_streams(parts.streams_per_connection_max)
+        .http2_max_local_error_reset_streams(Some(parts.error_resets_max))
         .layer(crate::telemetry::GrpcLayer)
         .layer(GrpcAuthLayer(parts.auth))
         .layer(UndecodableIsInvalidArgument)

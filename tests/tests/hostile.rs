@@ -1183,6 +1183,89 @@ async fn grpc_tls_handshakes_that_stall_are_cut_off() {
     );
 }
 
+/// One HTTP/2 frame: 9-byte header, then the payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The frames a server sent: (type, stream, payload).
+fn h2_frames(mut b: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 9 {
+        let len = (b[0] as usize) << 16 | (b[1] as usize) << 8 | b[2] as usize;
+        if b.len() < 9 + len {
+            break;
+        }
+        let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff;
+        out.push((b[3], stream, b[9..9 + len].to_vec()));
+        b = &b[9 + len..];
+    }
+    out
+}
+
+/// A client whose every request is malformed (HEADERS without `:path`)
+/// makes the server reset each stream; past
+/// `grpc_error_resets_per_connection_max` the server closes the connection
+/// with GOAWAY ENHANCE_YOUR_CALM instead of resetting forever, and serves
+/// everyone else throughout.
+#[tokio::test]
+async fn grpc_clients_that_provoke_endless_resets_are_disconnected() {
+    const RESETS_MAX: usize = 100;
+    const MALFORMED: u32 = 2_000;
+    let node = Node::start_with(NodeOptions {
+        stemed_env: vec![(
+            "STEMEDB_LIMITS_GRPC_ERROR_RESETS_PER_CONNECTION_MAX".into(),
+            RESETS_MAX.to_string(),
+        )],
+        ..NodeOptions::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(("127.0.0.1", node.grpc_port)).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+                                          // HPACK: :method GET, :scheme http, :authority "x"; no :path.
+    let block = [0x82, 0x86, 0x01, 0x01, b'x'];
+    for n in 0..MALFORMED {
+        // HEADERS, END_STREAM | END_HEADERS.
+        out.extend(h2_frame(0x1, 0x5, 2 * n + 1, &block));
+    }
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&out);
+        })
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    writer.join().unwrap();
+    let frames = h2_frames(&got);
+    let resets = frames.iter().filter(|f| f.0 == 0x3).count();
+    let goaway = frames.iter().find(|f| f.0 == 0x7);
+    eprintln!(
+        "{MALFORMED} malformed requests: {resets} RST_STREAM, GOAWAY {:?}",
+        goaway.map(|g| (&g.2[4..8], String::from_utf8_lossy(&g.2[8..])))
+    );
+    let goaway = goaway.unwrap_or_else(|| {
+        panic!(
+            "no GOAWAY after {resets} resets: the server resets without limit\n{}",
+            node.logs()
+        )
+    });
+    // Error code 0xb: ENHANCE_YOUR_CALM.
+    assert_eq!(&goaway.2[4..8], &[0, 0, 0, 0xb], "GOAWAY {:?}", goaway.2);
+    assert_eq!(&goaway.2[8..], b"too_many_internal_resets");
+    assert!(
+        resets <= RESETS_MAX + 1,
+        "{resets} streams reset, over grpc_error_resets_per_connection_max ({RESETS_MAX})"
+    );
+    serves_normally(&node, "after:resets").await;
+}
+
 /// `grpc_streams_per_connection_max` is what the server advertises as
 /// SETTINGS_MAX_CONCURRENT_STREAMS: with 4, a fifth Watch on the same
 /// connection waits until one of the four ends, while other connections
