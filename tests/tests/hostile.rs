@@ -1266,6 +1266,64 @@ async fn grpc_clients_that_provoke_endless_resets_are_disconnected() {
     serves_normally(&node, "after:resets").await;
 }
 
+/// HTTP/2 rapid reset (CVE-2023-44487): 10,000 Get streams each cancelled
+/// right after its HEADERS, far faster than the server can answer. The
+/// server cuts the connection off with GOAWAY ENHANCE_YOUR_CALM (h2's bound
+/// on streams reset before they are accepted), its memory stays bounded,
+/// and it serves everyone else.
+#[tokio::test]
+async fn grpc_rapid_reset_is_cut_off() {
+    const STREAMS: u32 = 10_000;
+    let node = Node::start().await;
+    let pid = node.stemed_pid().unwrap();
+    let rss_before = rss_bytes(pid);
+    let mut s = TcpStream::connect(("127.0.0.1", node.grpc_port)).unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(0x4, 0, 0, &[]));
+    // HPACK: :method POST, :scheme http, :path, :authority, content-type, te.
+    let mut block = vec![0x83, 0x86, 0x04, 21];
+    block.extend_from_slice(b"/stemedb.v1.Store/Get");
+    block.extend_from_slice(&[0x01, 0x01, b'x', 0x0f, 0x10, 16]);
+    block.extend_from_slice(b"application/grpc");
+    block.extend_from_slice(&[0x00, 2, b't', b'e', 8]);
+    block.extend_from_slice(b"trailers");
+    for n in 0..STREAMS {
+        let id = 2 * n + 1;
+        out.extend(h2_frame(0x1, 0x4, id, &block)); // HEADERS, END_HEADERS
+        out.extend(h2_frame(0x3, 0, id, &[0, 0, 0, 0x8])); // RST_STREAM CANCEL
+    }
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&out);
+        })
+    };
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    writer.join().unwrap();
+    let frames = h2_frames(&got);
+    let goaway = frames.iter().find(|f| f.0 == 0x7);
+    let rss_after = rss_bytes(pid);
+    eprintln!(
+        "rapid reset of {STREAMS} streams: {} frames back, GOAWAY {:?}; rss {} -> {} MiB",
+        frames.len(),
+        goaway.map(|g| (&g.2[4..8], String::from_utf8_lossy(&g.2[8..]))),
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    let goaway = goaway.unwrap_or_else(|| panic!("no GOAWAY\n{}", node.logs()));
+    assert_eq!(&goaway.2[4..8], &[0, 0, 0, 0xb], "GOAWAY {:?}", goaway.2);
+    assert_eq!(&goaway.2[8..], b"too_many_resets");
+    assert!(
+        rss_after < rss_before + (64 << 20),
+        "rss grew from {} to {} MiB",
+        rss_before >> 20,
+        rss_after >> 20
+    );
+    serves_normally(&node, "after:rapid-reset").await;
+}
+
 /// `grpc_streams_per_connection_max` is what the server advertises as
 /// SETTINGS_MAX_CONCURRENT_STREAMS: with 4, a fifth Watch on the same
 /// connection waits until one of the four ends, while other connections
