@@ -945,7 +945,7 @@ async fn ten_thousand_concurrent_streams_end_with_clear_statuses_and_bounded_mem
 
 /// A gRPC connection that never sends the HTTP/2 preface (or sends half of
 /// it) does not block anyone and is closed after
-/// `grpc_handshake_timeout_ms`; past `grpc_connections_max` a connection
+/// `grpc_handshake_timeout_ms`; one that speaks HTTP/1.1 is closed at once; past `grpc_connections_max` a connection
 /// is closed at once, and freed slots are reused.
 #[tokio::test]
 async fn grpc_clients_that_never_speak_http2_are_cut_off_and_connections_are_capped() {
@@ -1014,6 +1014,13 @@ async fn grpc_clients_that_never_speak_http2_are_cut_off_and_connections_are_cap
     }
     let all_closed = opened.elapsed();
     eprintln!("idle gRPC connections closed {all_closed:?} after connecting");
+    // HTTP/1.1 on the gRPC port is closed at once, not at the timeout.
+    let mut h1 = connect();
+    h1.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(
+        closed_within(&mut h1, Duration::from_secs(1)).is_some(),
+        "an HTTP/1.1 request on the gRPC port was kept open"
+    );
     // The slots are free again: a full set of real clients is served.
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS_MAX {
