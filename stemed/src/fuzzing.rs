@@ -98,7 +98,7 @@ impl<'a> Input<'a> {
                     let n = usize::from(self.u8() % 32);
                     Value::Bytes(self.bytes(n).to_vec())
                 }
-                _ => Value::Bytes(vec![0; usize::from(self.u16()) * 2]),
+                _ => Value::Bytes(vec![0; usize::from(self.u16() % 2100) * 2]),
             },
             5 => Value::Ref(self.string()),
             _ => Value::Timestamp {
@@ -160,7 +160,7 @@ pub fn tx_codec(data: &[u8]) {
     let bytes = encode_tx(&rec);
     let back = decode_tx(&bytes).unwrap_or_else(|e| panic!("encoded record does not decode: {e}"));
     assert_eq!(encode_tx(&back), bytes, "round trip changed the record");
-    if !format!("{rec:?}").contains("NaN") {
+    if !has_nan(&rec) {
         assert_eq!(back, rec);
     }
     let cut = usize::from(input.u16()) % bytes.len();
@@ -175,6 +175,13 @@ pub fn tx_codec(data: &[u8]) {
         matches!(decode_tx(&flipped), Err(StoreError::Corrupt(_))),
         "flipping bit {bit} was not detected"
     );
+}
+
+/// NaN != NaN, so records holding one are compared by their encoding only.
+fn has_nan(rec: &TxRecord) -> bool {
+    rec.assertions.iter().any(|a| {
+        a.confidence.is_some_and(f64::is_nan) || matches!(a.value, Value::Double(d) if d.is_nan())
+    })
 }
 
 fn check_decode_tx(data: &[u8]) {
@@ -362,7 +369,11 @@ pub fn page_token(data: &[u8]) {
         _ => {
             // What the store does: seal a cursor, open it on the next page.
             let basis_tx = input.u64();
-            let filler = usize::from(input.u16()) * 2;
+            // Up to twice 64 KiB: a query key holds the escaped value.
+            let filler = match input.u8() % 8 {
+                0 => usize::from(input.u16()) * 2,
+                _ => usize::from(input.u8()),
+            };
             let mut resume_key = input.rest().to_vec();
             resume_key.resize(resume_key.len() + filler, 0);
             let cursor = Cursor {
