@@ -173,17 +173,17 @@ struct ScratchDir(PathBuf);
 impl ScratchDir {
     fn new() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = base.join(format!("wald-fuzz-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create scratch dir");
-        ScratchDir(path)
+        let name = format!("wald-fuzz-{}-{n}", std::process::id());
+        // tmpfs keeps the fsyncs of recovery cheap; any temp dir will do.
+        for base in [PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+            let path = base.join(&name);
+            let _ = std::fs::remove_dir_all(&path);
+            if std::fs::create_dir_all(&path).is_ok() {
+                return ScratchDir(path);
+            }
+        }
+        panic!("cannot create a scratch dir for {name}");
     }
 }
 
