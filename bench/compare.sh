@@ -285,6 +285,12 @@ cell_stemedb() {
   if [ "$2" = "write c=256" ]; then bench_rss_reset "$STEMEDB_WALLD_PID" "$STEMEDB_STEMED_PID"; fi
   out=$("$bin/stemectl" --addr "$STEMEDB_ADDR" --timeout 30s --output json bench \
     --duration "${secs}s" --warmup "${warmup}s" "${args[@]}" 2>>"$dir/stemedb/stemectl.log")
+  # A node that died mid-cell shows up as errors in that cell; stop here
+  # rather than measure the rest against nothing.
+  local p
+  for p in "$STEMEDB_WALLD_PID" "$STEMEDB_STEMED_PID"; do
+    kill -0 "$p" 2>/dev/null || { echo "compare: a StemeDB process (pid $p) exited during $2" >&2; return 1; }
+  done
   if [ "$2" = "write c=256" ]; then
     rss=$(bench_rss_peak_kib "$STEMEDB_WALLD_PID" "$STEMEDB_STEMED_PID")
   fi

@@ -1018,7 +1018,13 @@ fn sync_dir_tree(root: &std::path::Path) -> Result<(), StoreError> {
             let entry = entry?;
             let kind = entry.file_type()?;
             if kind.is_file() {
-                std::fs::File::open(entry.path())?.sync_all()?;
+                match std::fs::File::open(entry.path()) {
+                    Ok(f) => f.sync_all()?,
+                    // sled removed it (a blob it no longer needs) after the
+                    // listing: nothing of it is left to make durable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             } else if kind.is_dir() && depth < SYNC_DEPTH_MAX {
                 walk(&entry.path(), depth + 1)?;
             }
@@ -1250,5 +1256,39 @@ mod tests {
         assert_eq!(store.flush_async().await.unwrap(), 2);
         assert!(store.size_on_disk() > 0);
         assert_eq!(store.fact_count_estimate(), 2);
+    }
+
+    #[test]
+    fn sync_dir_tree_tolerates_files_removed_while_it_walks() {
+        // sled deletes blob files it no longer needs at any time; one that
+        // vanishes between the listing and its fsync has nothing left to
+        // make durable, and must not fail the flush (which stops stemed).
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("store").join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = {
+            let (blobs, stop) = (blobs.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for i in 0..32 {
+                        std::fs::write(blobs.join(format!("{}", n + i)), b"x").unwrap();
+                    }
+                    for i in 0..32 {
+                        std::fs::remove_file(blobs.join(format!("{}", n + i))).unwrap();
+                    }
+                    n += 32;
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let mut result = Ok(());
+        while started.elapsed() < Duration::from_millis(1500) && result.is_ok() {
+            result = sync_dir_tree(&dir.path().join("store"));
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+        result.unwrap();
     }
 }
