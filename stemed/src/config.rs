@@ -117,8 +117,11 @@ pub struct StorageConfig {
     /// soak held under 300 MB for walld + stemed. Raise it on hosts with
     /// memory to spare, for reads of a working set larger than the cache.
     pub cache_capacity_bytes: u64,
-    /// Entities whose current view is cached.
+    /// Entities whose current view is cached, at most (0 disables the cache).
     pub entity_cache_entries: u64,
+    /// Bytes the entity cache may hold (facts' strings and values, an
+    /// estimate of their in-memory size), at most.
+    pub entity_cache_bytes: u64,
     /// How long idempotency keys are remembered.
     pub idempotency_retention_secs: u64,
     /// How often sled is flushed and the WAL truncated below the flushed
@@ -234,6 +237,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./stemedb-data"),
             cache_capacity_bytes: 64 << 20,
             entity_cache_entries: 10_000,
+            entity_cache_bytes: 32 << 20,
             idempotency_retention_secs: 7 * 24 * 3600,
             checkpoint_interval_ms: 10_000,
             wal_retain_records: 0,

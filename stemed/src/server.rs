@@ -44,6 +44,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         path: data_dir.join("store"),
         cache_capacity_bytes: config.storage.cache_capacity_bytes,
         entity_cache_entries: config.storage.entity_cache_entries,
+        entity_cache_bytes: config.storage.entity_cache_bytes,
         idempotency_retention: Duration::from_secs(config.storage.idempotency_retention_secs),
     })
     .context("cannot open the store")?;

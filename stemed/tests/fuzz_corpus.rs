@@ -76,6 +76,7 @@ fn store_tokens_open_for_the_largest_values() {
         path: dir.path().to_path_buf(),
         cache_capacity_bytes: 8 << 20,
         entity_cache_entries: 0,
+        entity_cache_bytes: 0,
         idempotency_retention: Duration::from_secs(60),
     })
     .unwrap();

@@ -37,6 +37,7 @@ fn config(path: &Path, entity_cache_entries: u64) -> StoreConfig {
         path: path.to_path_buf(),
         cache_capacity_bytes: 8 << 20,
         entity_cache_entries,
+        entity_cache_bytes: 1 << 20,
         idempotency_retention: Duration::from_micros(RETENTION_MICROS),
     }
 }

@@ -128,6 +128,7 @@ pub async fn run(cfg: &RestoreConfig) -> anyhow::Result<RestoreReport> {
         path: store_dir,
         cache_capacity_bytes: 64 * 1024 * 1024,
         entity_cache_entries: 0,
+        entity_cache_bytes: 0,
         idempotency_retention: Duration::from_secs(7 * 24 * 3600),
     })
     .with_context(|| format!("open a store in {}", cfg.data_dir.display()))?;

@@ -70,6 +70,8 @@ pub struct StoreConfig {
     pub cache_capacity_bytes: u64,
     /// Entities kept in the current-view cache of `get` (0 disables it).
     pub entity_cache_entries: u64,
+    /// Estimated bytes the current-view cache may hold.
+    pub entity_cache_bytes: u64,
     /// Idempotency keys older than this are removed by `purge_idempotency`.
     pub idempotency_retention: Duration,
 }
@@ -120,11 +122,8 @@ impl Store {
         let applied_lsn = read_meta_u64(&tree, META_APPLIED_LSN)?.unwrap_or(0);
         let fact_count = read_meta_u64(&tree, META_FACT_COUNT)?.unwrap_or(0);
         let token_secret = load_or_create_secret(&tree)?;
-        let entity_cache = (cfg.entity_cache_entries > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(cfg.entity_cache_entries)
-                .build()
-        });
+        let entity_cache = (cfg.entity_cache_entries > 0 && cfg.entity_cache_bytes > 0)
+            .then(|| entity_cache(cfg.entity_cache_entries, cfg.entity_cache_bytes));
         // sled fsyncs its files but never a directory: make the store's
         // directory entries (and the store directory itself, in its parent
         // and grandparent) durable before anything relies on them.
@@ -771,6 +770,46 @@ struct Staged {
     facts_added: u64,
 }
 
+/// A cache bounded both in entries and in bytes: an entry weighs its
+/// estimated size, but never less than one slot of `bytes_max / entries_max`,
+/// so a total weight within `bytes_max` also means at most `entries_max`
+/// entries.
+fn entity_cache(entries_max: u64, bytes_max: u64) -> EntityCache {
+    let slot = (bytes_max / entries_max).max(1);
+    moka::sync::Cache::builder()
+        .max_capacity(bytes_max)
+        .weigher(move |entity: &String, cached: &Arc<CachedEntity>| {
+            let bytes = (entity.len() + cached.estimated_bytes()) as u64;
+            u32::try_from(bytes.max(slot)).unwrap_or(u32::MAX)
+        })
+        .build()
+}
+
+impl CachedEntity {
+    /// Heap and inline bytes of the cached facts, approximately.
+    fn estimated_bytes(&self) -> usize {
+        use super::model::Value;
+        let value_bytes = |v: &Value| match v {
+            Value::Text(s) | Value::Ref(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            _ => 0,
+        };
+        std::mem::size_of::<Self>()
+            + self
+                .facts
+                .iter()
+                .map(|f| {
+                    let a = &f.assertion;
+                    std::mem::size_of::<Fact>()
+                        + a.entity.len()
+                        + a.attribute.len()
+                        + a.source.len()
+                        + value_bytes(&a.value)
+                })
+                .sum::<usize>()
+    }
+}
+
 fn claim_fact(ck: ClaimKey, payload: &[u8]) -> Result<Fact, StoreError> {
     let p = keys::decode_claim_payload(payload)?;
     let assertion = super::model::Assertion {
@@ -1060,6 +1099,7 @@ mod tests {
             path: dir.to_path_buf(),
             cache_capacity_bytes: 4 << 20,
             entity_cache_entries: 16,
+            entity_cache_bytes: 1 << 20,
             idempotency_retention: Duration::from_secs(1),
         })
         .unwrap()
@@ -1147,6 +1187,41 @@ mod tests {
     }
 
     #[test]
+    fn entity_cache_is_bounded_in_bytes_and_in_entries() {
+        let cached = |value_bytes: usize| {
+            let mut a = record(None, 1, "e").assertions.remove(0);
+            a.value = Value::Bytes(vec![7; value_bytes]);
+            Arc::new(CachedEntity {
+                basis_tx: 1,
+                facts: vec![Fact {
+                    assertion: a,
+                    tx: 1,
+                    recorded_at_micros: 1,
+                }],
+            })
+        };
+        // Large entities: the byte bound holds (4 entries would fit by count).
+        let cache = entity_cache(4, 64 << 10);
+        for i in 0..20 {
+            cache.insert(format!("e{i}"), cached(30 << 10));
+        }
+        cache.run_pending_tasks();
+        assert!(
+            cache.weighted_size() <= 64 << 10,
+            "{}",
+            cache.weighted_size()
+        );
+        assert!(cache.entry_count() <= 2, "{}", cache.entry_count());
+        // Small entities: the entry bound holds.
+        let cache = entity_cache(4, 1 << 20);
+        for i in 0..20 {
+            cache.insert(format!("e{i}"), cached(8));
+        }
+        cache.run_pending_tasks();
+        assert!(cache.entry_count() <= 4, "{}", cache.entry_count());
+    }
+
+    #[test]
     fn corrupt_index_entries_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
@@ -1185,6 +1260,7 @@ mod tests {
                 path: dir.path().to_path_buf(),
                 cache_capacity_bytes: 4 << 20,
                 entity_cache_entries: 0,
+                entity_cache_bytes: 0,
                 idempotency_retention: Duration::from_secs(1),
             }),
             Err(StoreError::Corrupt(_))
