@@ -62,6 +62,8 @@ struct Rig {
     admin_port: u16,
     walld_args: Vec<String>,
     options: RigOptions,
+    /// Extra environment of stemed (config overrides, STEMEDB_<SECTION>_<KEY>).
+    stemed_env: Vec<(String, String)>,
     /// Cleared on drop: stops helper threads, which are joined before the
     /// mount goes (a thread blocked on a mount whose session ended would
     /// never return).
@@ -105,6 +107,7 @@ impl Rig {
             admin_port: stemedb_tests::free_port(),
             walld_args: vec!["--segment-bytes".into(), SEGMENT_BYTES.into()],
             options,
+            stemed_env: Vec::new(),
             alive: Arc::new(AtomicBool::new(true)),
             helpers: Vec::new(),
         }
@@ -243,6 +246,7 @@ impl Rig {
                 "STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS",
                 self.options.checkpoint_ms.to_string(),
             )
+            .envs(self.stemed_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(self.log("stemed"))
             .stderr(self.log("stemed"));
@@ -1518,6 +1522,149 @@ async fn slow_fsync_shows_the_runbook_symptoms() {
     );
     assert!(fast_ms < 150, "median write {fast_ms} ms without delay");
     eprintln!("slow fsync: median write {fast_ms} ms -> {slow_ms} ms; fsync p99 {p99:.3} s");
+}
+
+/// What one closed-loop burst of writes did: acknowledged transactions,
+/// refusals, and walld's fsyncs meanwhile.
+#[derive(Debug)]
+struct Burst {
+    acked: u64,
+    refused: u64,
+    fsyncs: u64,
+    secs: f64,
+}
+
+impl Burst {
+    fn tx_per_s(&self) -> f64 {
+        self.acked as f64 / self.secs
+    }
+    fn fsyncs_per_s(&self) -> f64 {
+        self.fsyncs as f64 / self.secs
+    }
+    fn fsyncs_per_tx(&self) -> f64 {
+        self.fsyncs as f64 / self.acked.max(1) as f64
+    }
+}
+
+/// `writers` closed-loop writers for `secs`; any error but a rate-limit
+/// refusal fails the test.
+async fn write_burst(rig: &Rig, label: &str, writers: usize, secs: f64) -> Burst {
+    // Only UNAVAILABLE is retried by the SDK; no retries, so every
+    // refusal is counted here.
+    let opts = ClientOptions {
+        retry_max: 0,
+        ..ClientOptions::default()
+    };
+    let c = Client::connect_with(rig.grpc_url(), opts).await.unwrap();
+    let mut wal = wal_connect(&rig.socket()).await;
+    let fsyncs = |s: pb::StatusResponse| s.fsync_count;
+    let before = fsyncs(wal.status(pb::StatusRequest {}).await.unwrap().into_inner());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let (c, label) = (c.clone(), label.to_string());
+            tokio::spawn(async move {
+                let (mut acked, mut refused) = (0u64, 0u64);
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    i += 1;
+                    let a = Assertion::assert(format!("runbook:{label}:{w}:{i}"), "x", 1)
+                        .source("runbook");
+                    match c.transact(vec![a]).await {
+                        Ok(_) => acked += 1,
+                        Err(e) if e.code() == Some(tonic::Code::ResourceExhausted) => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("write {label} {w}/{i}: {e}"),
+                    }
+                }
+                (acked, refused)
+            })
+        })
+        .collect();
+    let mut burst = Burst {
+        acked: 0,
+        refused: 0,
+        fsyncs: 0,
+        secs: 0.0,
+    };
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        burst.acked += a;
+        burst.refused += r;
+    }
+    burst.secs = started.elapsed().as_secs_f64();
+    let after = fsyncs(wal.status(pb::StatusRequest {}).await.unwrap().into_inner());
+    burst.fsyncs = after - before;
+    eprintln!(
+        "{label}: {:.1} tx/s, {:.1} fsyncs/s, {:.3} fsyncs/tx, {} refused",
+        burst.tx_per_s(),
+        burst.fsyncs_per_s(),
+        burst.fsyncs_per_tx(),
+        burst.refused
+    );
+    burst
+}
+
+/// The remedies of docs/operations/runbooks/slow-fsync.md, with fsync
+/// delayed by 150 ms: `POST /v1/admin/rate-limit` lowers the write rate and
+/// the fsync rate, and a larger `group_commit_max_wait_ms` lowers the
+/// fsyncs per transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_fsync_runbook_remedies_lower_the_fsync_rate() {
+    const WRITERS: usize = 8;
+    const SECS: f64 = 3.0;
+    let mut rig = faults_rig(0);
+    rig.start_walld().await;
+    rig.start_stemed().await;
+    rig.mount.delay_fsync(150);
+
+    let base = write_burst(&rig, "slow", WRITERS, SECS).await;
+    assert!(base.acked > 0 && base.refused == 0, "{base:?}");
+
+    // Shed load: 2 assertions per second.
+    let (code, body) = stemedb_tests::http_request(
+        rig.admin_port,
+        "POST",
+        "/v1/admin/rate-limit",
+        Some(r#"{"max_writes_per_sec": 2}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let limited = write_burst(&rig, "rate-limited", WRITERS, SECS).await;
+    assert!(limited.refused > 0, "nothing refused at 2/s: {limited:?}");
+    assert!(
+        limited.tx_per_s() < base.tx_per_s() / 2.0,
+        "rate limit did not lower the write rate: {base:?} -> {limited:?}"
+    );
+    assert!(
+        limited.fsyncs_per_s() < base.fsyncs_per_s() * 0.6,
+        "rate limit did not lower the fsync rate: {base:?} -> {limited:?}"
+    );
+    let (code, body) = stemedb_tests::http_request(
+        rig.admin_port,
+        "POST",
+        "/v1/admin/rate-limit",
+        Some(r#"{"max_writes_per_sec": 0}"#),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    // Batch more per append: group_commit_max_wait_ms = 100, as the
+    // runbook's config change and restart.
+    rig.stemed_env
+        .push(("STEMEDB_WAL_GROUP_COMMIT_MAX_WAIT_MS".into(), "100".into()));
+    kill9(rig.stemed.take());
+    rig.start_stemed().await;
+    let batched = write_burst(&rig, "max-wait-100ms", WRITERS, SECS).await;
+    assert!(batched.acked > 0 && batched.refused == 0, "{batched:?}");
+    assert!(
+        batched.fsyncs_per_tx() < base.fsyncs_per_tx() * 0.8,
+        "group_commit_max_wait_ms did not lower fsyncs per transaction: {base:?} -> {batched:?}"
+    );
+    rig.mount.delay_fsync(0);
 }
 
 // ---------------------------------------------------------------------
