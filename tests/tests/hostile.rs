@@ -828,7 +828,9 @@ async fn ten_thousand_concurrent_streams_end_with_clear_statuses_and_bounded_mem
 
     let mut rss_watching = Vec::new();
     let mut after_watches = Vec::new();
-    for round in 0..2 {
+    // Round 0 also grows the blocking pool and the allocator's thread
+    // heaps to their working size; rounds 1 and 2 must then be alike.
+    for round in 0..3 {
         // Ten thousand watches at once: up to watch_streams_max open, the rest
         // refused with the limit named.
         let started = Instant::now();
@@ -919,10 +921,10 @@ async fn ten_thousand_concurrent_streams_end_with_clear_statuses_and_bounded_mem
         after_watches.push(rss);
     }
     assert!(
-        after_watches[1] <= after_watches[0] + (32 << 20),
+        after_watches[2] <= after_watches[1] + (32 << 20),
         "stemed grew from {} MiB to {} MiB between two identical watch bursts",
-        after_watches[0] >> 20,
-        after_watches[1] >> 20
+        after_watches[1] >> 20,
+        after_watches[2] >> 20
     );
     let mut w = c
         .watch(pb::WatchRequest { from_tx: seeded })
