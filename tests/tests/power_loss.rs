@@ -1387,6 +1387,11 @@ async fn fsync_eio_fail_stops_walld_and_loses_nothing_acknowledged() {
         matches!(stemedb_tests::http_get(admin, "/readyz"), Ok((503, _)))
     })
     .await;
+    // ... and in its metrics (the StemeDBDown alert's expression).
+    eventually("stemedb_wal_up 0", Duration::from_secs(10), || {
+        wal_up(admin) == Some(0)
+    })
+    .await;
     let c = Client::connect_with(
         rig.grpc_url(),
         ClientOptions {
