@@ -113,24 +113,7 @@ fi
 pg_bin=$(pg_bindir)
 id postgres >/dev/null 2>&1 || { echo "compare: no postgres user (the postgresql package creates it)" >&2; exit 1; }
 
-have_bins() {
-  [ -x "$1/walld" ] && [ -x "$1/stemed" ] && [ -x "$1/stemectl" ] && [ -x "$1/stemedb-peer-bench" ]
-}
-if [ -n "${BENCH_BIN_DIR:-}" ]; then
-  bin=$BENCH_BIN_DIR
-elif [ "$quick" = 1 ]; then
-  # Whichever complete build is newer: in CI only the debug build exists;
-  # a stale release build must not shadow the code just built.
-  bin=$root/target/debug
-  if have_bins "$root/target/release" && { ! have_bins "$bin" || [ "$root/target/release/stemed" -nt "$bin/stemed" ]; }; then
-    bin=$root/target/release
-  fi
-else
-  echo "==> cargo build --release --bins" >&2
-  cargo build --release --bins >&2
-  bin=$root/target/release
-fi
-have_bins "$bin" || { echo "compare: walld, stemed, stemectl and stemedb-peer-bench not all in $bin: build them first (cargo build --workspace --bins --features wald/failpoints)" >&2; exit 1; }
+bin=$(bench_pick_bins "$root" "$quick" walld stemed stemectl stemedb-peer-bench)
 peer=$bin/stemedb-peer-bench
 
 # --- servers and cleanup ----------------------------------------------------

@@ -25,6 +25,43 @@ bench_free_ports() {
   done
 }
 
+# bench_pick_bins ROOT SMOKE BINARY...: prints the directory to take the
+# binaries from. BENCH_BIN_DIR wins; in smoke mode, whichever complete
+# build of ROOT/target is newer (in CI only the debug build exists, and a
+# stale release build must not shadow the code just built); otherwise a
+# fresh release build.
+bench_pick_bins() {
+  local root=$1 smoke=$2 dir b
+  shift 2
+  if [ -n "${BENCH_BIN_DIR:-}" ]; then
+    dir=$BENCH_BIN_DIR
+  elif [ "$smoke" = 1 ]; then
+    dir=$root/target/debug
+    if bench_have_bins "$root/target/release" "$@" &&
+      { ! bench_have_bins "$dir" "$@" || [ "$root/target/release/stemed" -nt "$dir/stemed" ]; }; then
+      dir=$root/target/release
+    fi
+  else
+    echo "==> cargo build --release --bins" >&2
+    (cd "$root" && cargo build --release --bins >&2) || return 1
+    dir=$root/target/release
+  fi
+  for b in "$@"; do
+    [ -x "$dir/$b" ] || {
+      echo "$b is not in $dir: build it first (cargo build --workspace --bins --features wald/failpoints)" >&2
+      return 1
+    }
+  done
+  echo "$dir"
+}
+
+# bench_have_bins DIR BINARY...: true when every BINARY is executable in DIR.
+bench_have_bins() {
+  local d=$1 b
+  shift
+  for b in "$@"; do [ -x "$d/$b" ] || return 1; done
+}
+
 STEMEDB_WALLD_PID=""
 STEMEDB_STEMED_PID=""
 STEMEDB_ADDR=""

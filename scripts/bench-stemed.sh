@@ -66,70 +66,28 @@ fi
 concurrencies=${BENCH_CONCURRENCY:-"1 16 64 256"}
 tx_sizes=${BENCH_TX_SIZES:-"1 100"}
 
-have_bins() { [ -x "$1/walld" ] && [ -x "$1/stemed" ] && [ -x "$1/stemectl" ]; }
-if [ -n "${BENCH_BIN_DIR:-}" ]; then
-  bin=$BENCH_BIN_DIR
-elif [ "$smoke" = 1 ]; then
-  # Whichever complete build is newer: in CI only the debug build exists;
-  # a stale release build must not shadow the code just built.
-  bin=$root/target/debug
-  if have_bins "$root/target/release" && { ! have_bins "$bin" || [ "$root/target/release/stemed" -nt "$bin/stemed" ]; }; then
-    bin=$root/target/release
-  fi
-else
-  echo "==> cargo build --release --bins" >&2
-  cargo build --release --bins >&2
-  bin=$root/target/release
-fi
-have_bins "$bin" || { echo "bench-stemed: walld, stemed and stemectl not all in $bin: build them first (cargo build --workspace --bins)" >&2; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$root/bench/lib.sh"
+bin=$(bench_pick_bins "$root" "$smoke" walld stemed stemectl)
 command -v curl >/dev/null || { echo "bench-stemed: needs curl" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "bench-stemed: needs python3" >&2; exit 1; }
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/bench-stemed.XXXXXX")
-walld_pid=""
-stemed_pid=""
 cleanup() {
   local rc=$?
   set +e
   # Only the processes this script started, by pid.
-  [ -n "$stemed_pid" ] && kill "$stemed_pid" 2>/dev/null && wait "$stemed_pid" 2>/dev/null
-  [ -n "$walld_pid" ] && kill "$walld_pid" 2>/dev/null && wait "$walld_pid" 2>/dev/null
-  if [ "$rc" != 0 ]; then
-    for log in "$dir"/walld.log "$dir"/stemed.log; do
-      [ -f "$log" ] && { echo "--- $log (last 30 lines)" >&2; tail -n 30 "$log" >&2; }
-    done
-  fi
+  stemedb_node_stop
+  [ "$rc" != 0 ] && stemedb_node_tail_logs
   if [ "$keep" = 1 ]; then echo "bench-stemed: kept $dir" >&2; else rm -rf "$dir"; fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-grpc_port=$(free_port)
-admin_port=$(free_port)
-while [ "$admin_port" = "$grpc_port" ]; do admin_port=$(free_port); done
-admin=http://127.0.0.1:$admin_port
-addr=http://127.0.0.1:$grpc_port
-
-root_flag=()
-[ "$(id -u)" = 0 ] && root_flag=(--allow-root)
-"$bin/walld" --dir "$dir/wal" --socket "$dir/walld.sock" "${root_flag[@]}" >"$dir/walld.log" 2>&1 &
-walld_pid=$!
-for _ in $(seq 1 200); do [ -S "$dir/walld.sock" ] && break; sleep 0.05; done
-[ -S "$dir/walld.sock" ] || { echo "bench-stemed: walld did not start" >&2; exit 1; }
-"$bin/stemed" --data-dir "$dir/data" --wal-socket "$dir/walld.sock" \
-  --grpc-addr "127.0.0.1:$grpc_port" --admin-addr "127.0.0.1:$admin_port" >"$dir/stemed.log" 2>&1 &
-stemed_pid=$!
-ready=0
-for _ in $(seq 1 300); do
-  if curl -sf "$admin/readyz" >/dev/null 2>&1; then ready=1; break; fi
-  kill -0 "$stemed_pid" 2>/dev/null || break
-  sleep 0.05
-done
-[ "$ready" = 1 ] || { echo "bench-stemed: stemed did not become ready" >&2; exit 1; }
+stemedb_node_start "$bin" "$dir" || exit 1
+admin=$STEMEDB_ADMIN
+addr=$STEMEDB_ADDR
 echo "==> node up: walld + stemed from $bin; gRPC $addr, admin $admin; ${secs}s per cell after ${warmup}s warmup" >&2
 
 fsyncs() {
