@@ -33,6 +33,14 @@
 # Peak RSS of walld + stemed (VmHWM, reset right before the cell) is taken
 # during the write c=256 cell.
 #
+# Recovery, after the rounds: a second StemeDB node, with checkpoints off so
+# its WAL keeps every record from LSN 1, is filled by stemectl bench (the
+# batch workload: 100-assertion transactions at concurrency 16) until walld
+# has written BENCH_RECOVERY_MB of WAL; then stemed stops, its store is
+# deleted, and stemed starts again over the same walld. The time from that
+# start until /readyz says ready (every durable record applied to a new
+# sled store) gives the replay rate in WAL MB/s.
+#
 # Environment:
 #   BENCH_ROUNDS       rounds (default 3; --quick: 1)
 #   BENCH_SECS         measured seconds per cell, an integer (default 5; --quick: 1)
@@ -40,6 +48,8 @@
 #   BENCH_PRELOAD      facts for the read cells (default 100000; --quick: 2000)
 #   BENCH_CONCURRENCY  single-write concurrencies (default "1 16 64 256")
 #   BENCH_BATCH_CONCURRENCY  concurrency of the batch cells (default 16)
+#   BENCH_RECOVERY_MB  MiB of WAL the recovery cell replays (default 1024; --quick: 2)
+#   BENCH_RECOVERY_VALUE_BYTES  value bytes of its assertions (default 16, the batch cells')
 #   BENCH_BIN_DIR      take walld, stemed, stemectl and stemedb-peer-bench from here
 #
 # Binaries: the full run builds and uses the release build (`cargo build
@@ -77,13 +87,17 @@ if [ "$quick" = 1 ]; then
   secs=${BENCH_SECS:-1}
   warmup=${BENCH_WARMUP_SECS:-0.3}
   preload=${BENCH_PRELOAD:-2000}
+  recovery_mb=${BENCH_RECOVERY_MB:-2}
   write_doc=0
 else
   rounds=${BENCH_ROUNDS:-3}
   secs=${BENCH_SECS:-5}
   warmup=${BENCH_WARMUP_SECS:-1}
   preload=${BENCH_PRELOAD:-100000}
+  recovery_mb=${BENCH_RECOVERY_MB:-1024}
 fi
+recovery_value_bytes=${BENCH_RECOVERY_VALUE_BYTES:-16}
+case "$recovery_mb" in ''|*[!0-9]*|0) echo "compare: BENCH_RECOVERY_MB must be a positive integer" >&2; exit 2 ;; esac
 concurrencies=${BENCH_CONCURRENCY:-"1 16 64 256"}
 batch_c=${BENCH_BATCH_CONCURRENCY:-16}
 case "$secs" in ''|*[!0-9]*|0) echo "compare: BENCH_SECS must be a positive integer (pgbench -T)" >&2; exit 2 ;; esac
@@ -299,6 +313,40 @@ for round in $(seq 1 "$rounds"); do
   done
 done
 
+# --- recovery -----------------------------------------------------------------
+# metric NAME: one sample of the node's /metrics.
+metric() { curl -sf "$STEMEDB_ADMIN/metrics" | awk -v n="$1" '$1 == n { printf "%.0f\n", $2; exit }'; }
+recovery=$dir/recovery.json
+stemedb_node_stop
+echo "==> recovery: writing ${recovery_mb} MiB of WAL" >&2
+export STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS=0
+stemedb_node_start "$bin" "$dir/recovery"
+unset STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS
+recovery_bytes_target=$(( recovery_mb * 1024 * 1024 ))
+wal_bytes=0
+assertions=0
+while [ "$wal_bytes" -lt "$recovery_bytes_target" ]; do
+  out=$("$bin/stemectl" --addr "$STEMEDB_ADDR" --timeout 30s --output json bench --duration "${secs}s" \
+    --warmup 0s --tx-size 100 --value-bytes "$recovery_value_bytes" --concurrency "$batch_c" \
+    2>>"$dir/recovery/stemectl.log")
+  assertions=$(( assertions + $(jq -r '.assertions' <<<"$out") ))
+  wal_bytes=$(metric stemedb_wal_write_bytes_total)
+  echo "    ${wal_bytes} of ${recovery_bytes_target} WAL bytes" >&2
+done
+records=$(curl -sf "$STEMEDB_ADMIN/v1/admin/status" | jq -r '.durable_lsn')
+stemedb_stemed_stop
+rm -rf "$dir/recovery/data"
+echo "==> recovery: replaying ${records} records into a new store" >&2
+t0=$(date +%s.%N)
+stemedb_stemed_start 3600
+t1=$(date +%s.%N)
+applied=$(curl -sf "$STEMEDB_ADMIN/v1/admin/status" | jq -r '.applied_lsn')
+[ "$applied" = "$records" ] || { echo "compare: recovery applied $applied of $records records" >&2; exit 1; }
+jq -n --argjson wal_bytes "$wal_bytes" --argjson records "$records" --argjson assertions "$assertions" \
+  --argjson seconds "$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$t1")" \
+  --argjson value_bytes "$recovery_value_bytes" '$ARGS.named' >"$recovery"
+stemedb_node_stop
+
 # --- the table ----------------------------------------------------------------
 elapsed=$(( $(date +%s) - started ))
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -318,7 +366,7 @@ meta=$(jq -n \
   --arg read_keys "$read_keys" --arg preload "$preload" --arg batch_c "$batch_c" \
   --arg elapsed "$elapsed" --arg load_start "$load_start" --arg load_end "$load_end" \
   '$ARGS.named')
-table=$(python3 "$root/bench/table.py" "$results" "$meta")
+table=$(python3 "$root/bench/table.py" "$results" "$meta" "$recovery")
 echo
 echo "$table"
 

@@ -67,13 +67,15 @@ STEMEDB_STEMED_PID=""
 STEMEDB_ADDR=""
 STEMEDB_ADMIN=""
 STEMEDB_NODE_DIR=""
+STEMEDB_NODE_BIN=""
+STEMEDB_NODE_PORTS=""
 
 # stemedb_node_start BIN_DIR DIR: starts walld and stemed from BIN_DIR
 # with their data, socket and logs under DIR; returns once stemed is
 # ready. Sets STEMEDB_WALLD_PID, STEMEDB_STEMED_PID, STEMEDB_ADDR (gRPC
 # URL) and STEMEDB_ADMIN (admin HTTP URL).
 stemedb_node_start() {
-  local bin=$1 dir=$2 grpc_port admin_port ready=0 root_flag=()
+  local bin=$1 dir=$2 grpc_port admin_port root_flag=()
   mkdir -p "$dir"
   STEMEDB_NODE_DIR=$dir
   { read -r grpc_port; read -r admin_port; } < <(bench_free_ports 2)
@@ -84,10 +86,23 @@ stemedb_node_start() {
   STEMEDB_WALLD_PID=$!
   for _ in $(seq 1 200); do [ -S "$dir/walld.sock" ] && break; sleep 0.05; done
   [ -S "$dir/walld.sock" ] || { echo "walld did not start (log: $dir/walld.log)" >&2; return 1; }
-  "$bin/stemed" --data-dir "$dir/data" --wal-socket "$dir/walld.sock" \
-    --grpc-addr "127.0.0.1:$grpc_port" --admin-addr "127.0.0.1:$admin_port" >"$dir/stemed.log" 2>&1 &
+  STEMEDB_NODE_BIN=$bin
+  STEMEDB_NODE_PORTS="$grpc_port $admin_port"
+  stemedb_stemed_start 15
+}
+
+# stemedb_stemed_start TIMEOUT_SECS: starts stemed of the node
+# stemedb_node_start made (same binary, directory and ports) and returns
+# once /readyz says ready, that is once every record walld holds is
+# applied; fails after TIMEOUT_SECS.
+stemedb_stemed_start() {
+  local timeout=$1 dir=$STEMEDB_NODE_DIR grpc_port admin_port ready=0 deadline
+  read -r grpc_port admin_port <<<"$STEMEDB_NODE_PORTS"
+  "$STEMEDB_NODE_BIN/stemed" --data-dir "$dir/data" --wal-socket "$dir/walld.sock" \
+    --grpc-addr "127.0.0.1:$grpc_port" --admin-addr "127.0.0.1:$admin_port" >>"$dir/stemed.log" 2>&1 &
   STEMEDB_STEMED_PID=$!
-  for _ in $(seq 1 300); do
+  deadline=$(( $(date +%s) + timeout ))
+  while [ "$(date +%s)" -le "$deadline" ]; do
     if curl -sf "$STEMEDB_ADMIN/readyz" >/dev/null 2>&1; then ready=1; break; fi
     kill -0 "$STEMEDB_STEMED_PID" 2>/dev/null || break
     sleep 0.05
@@ -95,13 +110,19 @@ stemedb_node_start() {
   [ "$ready" = 1 ] || { echo "stemed did not become ready (log: $dir/stemed.log)" >&2; return 1; }
 }
 
-# stemedb_node_stop: stops the node stemedb_node_start started (only those
-# two processes, by pid); safe to call more than once.
-stemedb_node_stop() {
+# stemedb_stemed_stop: stops stemed only (SIGTERM, waits); walld stays.
+stemedb_stemed_stop() {
   if [ -n "$STEMEDB_STEMED_PID" ]; then
     { kill "$STEMEDB_STEMED_PID" 2>/dev/null && wait "$STEMEDB_STEMED_PID" 2>/dev/null; } || true
     STEMEDB_STEMED_PID=""
   fi
+  return 0
+}
+
+# stemedb_node_stop: stops the node stemedb_node_start started (only those
+# two processes, by pid); safe to call more than once.
+stemedb_node_stop() {
+  stemedb_stemed_stop
   if [ -n "$STEMEDB_WALLD_PID" ]; then
     { kill "$STEMEDB_WALLD_PID" 2>/dev/null && wait "$STEMEDB_WALLD_PID" 2>/dev/null; } || true
     STEMEDB_WALLD_PID=""

@@ -1,10 +1,11 @@
 """The markdown table of bench/compare.sh.
 
-    python3 bench/table.py RESULTS.jsonl META.json-string
+    python3 bench/table.py RESULTS.jsonl META.json-string [RECOVERY.json]
 
 RESULTS has one line per cell: {"round", "workload", "system", "report"},
-with "report" in the shape of `stemectl bench --output json`. Prints the
-table, with medians over the rounds, the ratios and the targets, and exits
+with "report" in the shape of `stemectl bench --output json`. RECOVERY, when
+given, is the recovery cell: {"wal_bytes", "records", "assertions",
+"seconds", "value_bytes"}. Prints the table, with medians over the rounds, the ratios and the targets, and exits
 non-zero when a cell is missing or measured nothing.
 """
 
@@ -14,6 +15,7 @@ import sys
 
 SYSTEMS = ["fdatasync", "etcd", "postgresql", "stemedb"]
 RSS_TARGET_MB = 300.0
+RECOVERY_TARGET_MB_S = 150.0
 
 
 def kind_of(workload):
@@ -144,6 +146,20 @@ def main():
         cols = ["peak RSS walld + stemed, write c=256"] + [""] * 8 + [f"{peak_mb:,.0f} MB"] + [""] * 5
         cols += [f"≤ {RSS_TARGET_MB:g} MB", met]
         out.append("| " + " | ".join(cols) + " |")
+    recovery = json.load(open(sys.argv[3])) if len(sys.argv) > 3 else None
+    if recovery:
+        mb = recovery["wal_bytes"] / 1e6
+        secs = recovery["seconds"]
+        rate = mb / secs if secs > 0 else None
+        if rate is None:
+            problems.append("recovery: no replay time measured")
+        met = "yes" if rate is not None and rate >= RECOVERY_TARGET_MB_S else "**no**"
+        per_s = f'{recovery["assertions"] / secs:,.0f}' if secs > 0 else "-"
+        cols = [f'recovery: replay {mb:,.0f} MB of WAL ({recovery["records"]:,} transactions, '
+                f'{recovery["assertions"]:,} assertions, {per_s} assertions/s) into a new store']
+        cols += [""] * 8 + [f"{rate:,.1f} MB/s" if rate else "-", f"{secs:,.1f} s", ""]
+        cols += [""] * 3 + [f"≥ {RECOVERY_TARGET_MB_S:g} MB/s", met]
+        out.append("| " + " | ".join(cols) + " |")
     out.append("")
     out.append(
         "Medians over the rounds of each figure. /s: durable single writes per second "
@@ -156,7 +172,11 @@ def main():
         "throughput over that rate. Peak RSS: the larger, over the rounds, of walld's plus "
         "stemed's VmHWM, reset just before the cell. Clients: stemectl bench (StemeDB), "
         "stemedb-peer-bench (etcd, gRPC KV API), pgbench -M prepared -j 2 (PostgreSQL), one "
-        "closed-loop process each, on the same cores as the servers.")
+        "closed-loop process each, on the same cores as the servers. Recovery: a second node "
+        "with checkpoints off, filled with 100-assertion transactions "
+        f'({recovery["value_bytes"] if recovery else "-"} value bytes) until walld wrote that much WAL; '
+        "stemed stopped, its store deleted, and the time from stemed's start until /readyz "
+        "said ready (all records applied), in that row's p50 column.")
     if errors:
         out.append("")
         out.append("Failed operations (not in the figures): " + "; ".join(errors) + ".")

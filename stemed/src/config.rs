@@ -54,6 +54,10 @@ pub struct WalConfig {
     pub group_commit_max_bytes: u64,
     /// Upper bound on the transactions in one WAL append.
     pub group_commit_max_records: usize,
+    /// WAL appends sent to walld and not yet answered, at most. With 2, the
+    /// next group is on its way while walld fsyncs the previous one; 1
+    /// sends one append at a time.
+    pub appends_in_flight_max: usize,
     /// Timeout for one connection attempt to walld.
     pub connect_timeout_ms: u64,
     /// Reconnect backoff starts at 50 ms and doubles up to this.
@@ -201,6 +205,7 @@ impl Default for WalConfig {
             group_commit_max_wait_ms: 0,
             group_commit_max_bytes: 1 << 20,
             group_commit_max_records: 4096,
+            appends_in_flight_max: 2,
             connect_timeout_ms: 2_000,
             reconnect_backoff_max_ms: 2_000,
         }
@@ -378,6 +383,11 @@ impl Config {
         anyhow::ensure!(
             self.wal.group_commit_max_records >= 1,
             "wal.group_commit_max_records must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=64).contains(&self.wal.appends_in_flight_max),
+            "wal.appends_in_flight_max must be within 1..=64, not {}",
+            self.wal.appends_in_flight_max
         );
         anyhow::ensure!(
             matches!(self.telemetry.log_format.as_str(), "text" | "json"),

@@ -22,6 +22,9 @@ pub enum WalError {
     /// walld answered with an error status.
     #[error("walld: {0}")]
     Status(tonic::Status),
+    /// walld's answers broke the writer protocol.
+    #[error("walld: {0}")]
+    Protocol(String),
 }
 
 impl WalError {
@@ -103,8 +106,29 @@ impl WalLink {
         self.epoch
     }
 
+    /// A handle that appends in this session; several may be in flight on
+    /// the one connection. walld assigns LSNs in the order appends reach
+    /// its queue, which for appends in flight together may differ from the
+    /// order they were sent.
+    pub fn appender(&self) -> Appender {
+        Appender {
+            socket: self.socket.clone(),
+            client: self.client.clone(),
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// Appends in one writer session (see [`WalLink::appender`]).
+pub struct Appender {
+    socket: PathBuf,
+    client: WalClient<Channel>,
+    epoch: u64,
+}
+
+impl Appender {
     /// Appends records durably; returns `(first_lsn, last_lsn)`.
-    pub async fn append(&mut self, records: Vec<Vec<u8>>) -> Result<(u64, u64), WalError> {
+    pub async fn append(mut self, records: Vec<Vec<u8>>) -> Result<(u64, u64), WalError> {
         let count = records.len() as u64;
         assert!(count > 0, "append of no records");
         let mut request = tonic::Request::new(pb::AppendRequest {
@@ -132,7 +156,9 @@ impl WalLink {
         );
         Ok((resp.first_lsn, resp.last_lsn))
     }
+}
 
+impl WalLink {
     /// Reads durable records `from_lsn..=to_lsn` (no follow), in order.
     pub async fn read_range(
         &mut self,

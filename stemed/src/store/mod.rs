@@ -22,14 +22,17 @@
 //! or walld. Domain types live in [`model`]; the gRPC layer converts at its
 //! boundary.
 //!
-//! **Architecture Invariant:** one `apply` call is one sled `apply_batch` on
-//! one tree: index entries, tx log, idempotency keys and `applied_lsn` are
-//! recovered together or not at all, so after a crash `applied_lsn` says
-//! exactly which WAL records to replay (from `applied_lsn + 1`).
+//! **Architecture Invariant:** one `apply` call inserts its index entries,
+//! tx log and idempotency keys on one tree, then `applied_lsn` last. sled
+//! recovers a prefix of its log, so after a crash every entry of the
+//! records up to the recovered `applied_lsn` is there, and the replay from
+//! `applied_lsn + 1` rewrites (same keys, same bytes) whatever part of
+//! later records survived.
 //!
 //! **Architecture Invariant:** every read has a basis tx and filters index
 //! entries by `tx <= basis`; the in-memory `applied_lsn` is published only
-//! after its batch committed. A read therefore never sees half of a batch.
+//! after all of its entries were inserted. A read therefore never sees half
+//! of an apply, and neither does an idempotency lookup.
 //!
 //! **Architecture Invariant:** history is immutable. Nothing is ever deleted
 //! from the claim, history or tx-log key spaces; only idempotency keys expire.

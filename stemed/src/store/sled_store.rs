@@ -2,12 +2,20 @@
 //!
 //! # Durability contract
 //!
-//! `apply` commits every index entry, the tx log, idempotency keys and
-//! `applied_lsn` of its records in ONE `Tree::apply_batch`, so after a crash
-//! sled recovers either all of a call's effects or none of them, and the
-//! recovered `applied_lsn` says exactly which WAL records are reflected.
-//! sled may lose the most recent batches on a crash unless `flush` returned
-//! after them; the caller replays the WAL from `applied_lsn() + 1`.
+//! `apply` inserts every index entry, tx-log entry and idempotency key of
+//! its records one by one, and `applied_lsn` last. sled recovers a prefix of
+//! its log after a crash (its recovery stops at the first torn message), so
+//! a recovered `applied_lsn` of N means every entry of the records up to N
+//! was recovered too. Entries of later records may be recovered in part:
+//! they have `tx > applied_lsn`, so reads (which filter `tx <= basis`) and
+//! idempotency lookups ignore them, and the replay from `applied_lsn() + 1`
+//! writes the same keys with the same values again. sled may lose the most
+//! recent inserts on a crash unless `flush` returned after them.
+//!
+//! Why not one `Tree::apply_batch` per call: sled 0.34 rolls its I/O buffer
+//! twice per batch, and each roll hands a write to its I/O thread pool,
+//! which wakes all of its threads. Per single-assertion transaction that
+//! cost more CPU than the inserts themselves (see docs/benchmarks.md).
 //!
 //! # Invariants
 //!
@@ -174,8 +182,8 @@ impl Store {
     /// starting at `applied_lsn() + 1`; a gap or repeat is
     /// `StoreError::LsnOrder` and applies nothing.
     ///
-    /// All index entries, the tx log, idempotency keys and `applied_lsn`
-    /// commit atomically in one sled batch. A record whose idempotency key was
+    /// Index entries, the tx log and idempotency keys are inserted first and
+    /// `applied_lsn` last (see the durability contract above). A record whose idempotency key was
     /// already applied (before, or earlier in this call) is a `Duplicate`: it
     /// consumes its LSN but adds no facts and no tx-log entry.
     ///
@@ -276,13 +284,17 @@ impl Store {
             });
         }
         let fact_count = self.inner.fact_count.load(Ordering::Relaxed) + staged.facts_added;
-        staged
-            .batch
-            .insert(keys::meta_key(META_APPLIED_LSN), &last_lsn.to_be_bytes());
-        staged
-            .batch
-            .insert(keys::meta_key(META_FACT_COUNT), &fact_count.to_be_bytes());
-        if let Err(e) = self.inner.tree.apply_batch(staged.batch) {
+        let meta = [
+            (keys::meta_key(META_FACT_COUNT), fact_count.to_be_bytes()),
+            // Last: it says which records every entry before it belongs to.
+            (keys::meta_key(META_APPLIED_LSN), last_lsn.to_be_bytes()),
+        ];
+        let tree = &self.inner.tree;
+        let inserted = insert_all(tree, staged.writes).and_then(|()| {
+            meta.into_iter()
+                .try_for_each(|(k, v)| tree.insert(k, &v).map(drop))
+        });
+        if let Err(e) = inserted {
             self.inner.write_failed.store(true, Ordering::Release);
             return Err(e.into());
         }
@@ -316,18 +328,20 @@ impl Store {
             staged
                 .new_keys
                 .insert(key.clone(), (lsn, rec.recorded_at_micros));
-            staged.batch.insert(
+            staged.writes.push((
                 keys::idem_key(key),
-                &keys::encode_idem_value(lsn, rec.recorded_at_micros),
-            );
+                keys::encode_idem_value(lsn, rec.recorded_at_micros).to_vec(),
+            ));
         }
-        stage_indexes(&mut staged.batch, lsn, rec)?;
+        stage_indexes(&mut staged.writes, lsn, rec)?;
         for a in &rec.assertions {
             if !staged.touched.contains(&a.entity) {
                 staged.touched.insert(a.entity.clone());
             }
         }
-        staged.batch.insert(&keys::txlog_key(lsn), encode_tx(rec));
+        staged
+            .writes
+            .push((keys::txlog_key(lsn).to_vec(), encode_tx(rec)));
         staged.facts_added += rec.assertions.len() as u64;
         Ok(ApplyOutcome::Applied {
             tx: lsn,
@@ -763,7 +777,8 @@ impl Store {
 /// What one `apply` call builds before committing.
 #[derive(Default)]
 struct Staged {
-    batch: Batch,
+    /// Keys and values to insert, in order.
+    writes: Vec<(Vec<u8>, Vec<u8>)>,
     outcomes: Vec<ApplyOutcome>,
     new_keys: HashMap<String, (u64, i64)>,
     touched: HashSet<String>,
@@ -1008,20 +1023,59 @@ fn entity_log_entries(lsn: u64, rec: &TxRecord) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
+/// Writes per `apply` from which the inserts are split across threads
+/// (replay and large batches; a split costs a thread start, ~50 µs).
+const PARALLEL_INSERTS_MIN: usize = 4096;
+
+/// Inserts `writes` (distinct keys, so in any order). Large sets are split
+/// across up to four threads: sled's inserts are concurrent, and replaying
+/// the WAL is otherwise bound by one core.
+fn insert_all(tree: &sled::Tree, mut writes: Vec<(Vec<u8>, Vec<u8>)>) -> sled::Result<()> {
+    let insert = |part: Vec<(Vec<u8>, Vec<u8>)>| {
+        part.into_iter()
+            .try_for_each(|(k, v)| tree.insert(k, v).map(drop))
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(writes.len() / PARALLEL_INSERTS_MIN * 2);
+    if threads < 2 {
+        return insert(writes);
+    }
+    let chunk = writes.len().div_ceil(threads);
+    let mut parts = Vec::with_capacity(threads);
+    while writes.len() > chunk {
+        parts.push(writes.split_off(writes.len() - chunk));
+    }
+    std::thread::scope(|scope| {
+        let helpers: Vec<_> = parts
+            .into_iter()
+            .map(|part| scope.spawn(move || insert(part)))
+            .collect();
+        let mine = insert(writes);
+        helpers
+            .into_iter()
+            .map(|h| h.join().expect("an insert thread panicked"))
+            .fold(mine, |acc, r| acc.and(r))
+    })
+}
+
 /// The index entries of one transaction: an AVET entry per assertion and
 /// an ENT entry per entity.
-fn stage_indexes(batch: &mut Batch, lsn: u64, rec: &TxRecord) -> Result<(), StoreError> {
+fn stage_indexes(
+    writes: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    lsn: u64,
+    rec: &TxRecord,
+) -> Result<(), StoreError> {
     for (pos, a) in rec.assertions.iter().enumerate() {
         let pos = u32::try_from(pos)
             .map_err(|_| corrupt(format!("tx {lsn} has more than u32::MAX assertions")))?;
-        batch.insert(
+        writes.push((
             keys::avet_key(a, lsn, pos),
             keys::encode_claim_payload(a, rec.recorded_at_micros),
-        );
+        ));
     }
-    for (key, value) in entity_log_entries(lsn, rec) {
-        batch.insert(key, value);
-    }
+    writes.extend(entity_log_entries(lsn, rec));
     Ok(())
 }
 
@@ -1219,6 +1273,43 @@ mod tests {
         }
         cache.run_pending_tasks();
         assert!(cache.entry_count() <= 4, "{}", cache.entry_count());
+    }
+
+    /// What a crash in the middle of an `apply` can leave (sled recovers a
+    /// prefix of its inserts): some entries of a record, but not its
+    /// `applied_lsn`. Reads and idempotency lookups ignore them, and the
+    /// replay applies the record in full.
+    #[test]
+    fn a_partly_applied_record_is_invisible_and_applied_again_by_the_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let second = record(Some("k2".into()), 2, "f");
+        {
+            let store = open(dir.path());
+            store
+                .apply(&[(1, record(Some("k1".into()), 1, "e"))])
+                .unwrap();
+            let mut staged = Staged::default();
+            store.stage_record(&mut staged, 2, &second).unwrap();
+            // The idempotency key is staged first; keep it and half the rest.
+            let keep = staged.writes.len().div_ceil(2);
+            assert!(keep >= 1 && keep < staged.writes.len());
+            for (k, v) in staged.writes.into_iter().take(keep) {
+                store.inner.tree.insert(k, v).unwrap();
+            }
+            store.flush().unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(store.applied_lsn(), 1);
+        assert_eq!(store.lookup_idempotency("k2").unwrap(), None);
+        assert!(store.get("f", None).unwrap().0.is_empty());
+        let outcomes = store.apply(&[(2, second.clone())]).unwrap();
+        assert!(
+            matches!(outcomes[..], [ApplyOutcome::Applied { tx: 2, .. }]),
+            "{outcomes:?}"
+        );
+        assert_eq!(store.get("f", None).unwrap().0.len(), 1);
+        assert_eq!(store.lookup_idempotency("k2").unwrap(), Some((2, 2)));
+        assert_eq!(store.transactions_from(2, 10).unwrap().len(), 1);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Stages 3 and 4: group concurrent transactions into one WAL append, and
 //! own the writer session with walld (connect, catch up, reconnect).
 //!
-//! The batcher is the only WAL writer of this node, so the order in which it
-//! hands batches to the applier is the LSN order.
+//! The batcher is the only WAL writer of this node. Up to
+//! `wal.appends_in_flight_max` appends are in flight at once; walld may
+//! assign their LSNs in any order, so an answered group waits until every
+//! LSN before it was handed on, and the applier sees LSN order.
 //!
 //! # States
 //! `Connecting → CatchingUp → Serving`, and back to `Connecting` whenever an
@@ -18,6 +20,9 @@ use super::{backoff, LinkState, LinkStatus, Pending, WriteCounters, WriteError};
 use crate::config::Config;
 use crate::store::codec;
 use crate::wal_link::{WalError, WalLink};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,6 +48,10 @@ pub(crate) struct Batcher {
     status: watch::Sender<LinkStatus>,
     /// The last LSN handed to the applier. Everything up to it is durable.
     sent_lsn: u64,
+    /// Durable groups answered ahead of an earlier append, by first LSN,
+    /// with their last LSN.
+    ready: BTreeMap<u64, (u64, Vec<Pending>)>,
+    appends_in_flight_max: usize,
     max_wait: Duration,
     max_bytes: usize,
     max_records: usize,
@@ -74,6 +83,8 @@ impl Batcher {
             applier,
             status,
             sent_lsn: applied_lsn,
+            ready: BTreeMap::new(),
+            appends_in_flight_max: config.wal.appends_in_flight_max,
             max_wait: Duration::from_millis(config.wal.group_commit_max_wait_ms),
             max_bytes: config.wal.group_commit_max_bytes as usize,
             max_records: config.wal.group_commit_max_records,
@@ -90,17 +101,45 @@ impl Batcher {
         if !self.reconnect("starting".into(), &shutdown).await {
             return;
         }
+        let mut in_flight = FuturesUnordered::new();
+        // The queue is closed and empty: finish what is in flight, then stop.
+        let mut draining = false;
         loop {
-            let first = tokio::select! {
-                p = self.queue.recv() => p,
-                _ = shutdown.notified() => { self.queue.close(); self.queue.recv().await }
+            let room = in_flight.len() < self.appends_in_flight_max;
+            let failure = tokio::select! {
+                Some(done) = in_flight.next() => self.completed(done).await.err(),
+                p = self.queue.recv(), if room && !draining => {
+                    match p {
+                        Some(first) => {
+                            let batch = self.collect(first).await;
+                            if !batch.is_empty() {
+                                in_flight.push(self.start_append(batch));
+                            }
+                        }
+                        None => draining = true,
+                    }
+                    None
+                }
+                _ = shutdown.notified(), if !draining => {
+                    self.queue.close();
+                    None
+                }
+                else => break,
             };
-            let Some(first) = first else { break };
-            let batch = self.collect(first).await;
-            if batch.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.append(batch).await {
+            let failure = failure.or_else(|| {
+                // Every append has been answered, yet a group still waits
+                // for LSNs before its own: walld assigned LSNs this writer
+                // never saw.
+                (in_flight.is_empty() && !self.ready.is_empty()).then(|| {
+                    WalError::Protocol(format!(
+                        "walld's LSNs {}..{} were never assigned to this writer's appends",
+                        self.sent_lsn + 1,
+                        self.ready.keys().next().copied().unwrap_or_default() - 1
+                    ))
+                })
+            });
+            if let Some(e) = failure {
+                self.abandon(&mut in_flight).await;
                 let reason = e.to_string();
                 tracing::warn!(error = %reason, "WAL append failed; re-opening the writer session");
                 if !self.reconnect(reason, &shutdown).await {
@@ -142,41 +181,66 @@ impl Batcher {
         batch
     }
 
-    /// Stage 4: one WAL append, durable when it returns; then the batch goes
-    /// to the applier in LSN order.
-    async fn append(&mut self, batch: Vec<Pending>) -> Result<(), WalError> {
-        let link = self.link.as_mut().expect("append without a session");
+    /// Stage 4: one WAL append, durable when it returns. Up to
+    /// `wal.appends_in_flight_max` are in flight, so the next group travels
+    /// to walld while walld fsyncs the previous one.
+    fn start_append(&self, batch: Vec<Pending>) -> impl Future<Output = Answered> {
+        let appender = self
+            .link
+            .as_ref()
+            .expect("append without a session")
+            .appender();
         let records: Vec<Vec<u8>> = batch.iter().map(|p| p.encoded.clone()).collect();
         // One append serves many requests: it is a child of the first and
         // linked from the others, so each request's trace reaches walld.
         let appending = group_span(&batch, "write.wal_append", records.len());
-        match link.append(records).instrument(appending).await {
+        async move {
+            let result = appender.append(records).instrument(appending).await;
+            Answered { batch, result }
+        }
+    }
+
+    /// Stage 4, answered: a durable group waits in `ready` until every LSN
+    /// before it has been handed on, then goes to the applier, so the
+    /// applier sees LSN order whatever order walld's answers arrive in. An
+    /// error return means the session must be re-opened.
+    async fn completed(&mut self, answered: Answered) -> Result<(), WalError> {
+        let Answered { batch, result } = answered;
+        match result {
             Ok((first_lsn, last_lsn)) => {
-                assert_eq!(
-                    first_lsn,
-                    self.sent_lsn + 1,
-                    "walld assigned LSN {first_lsn} but this writer last saw {}",
+                assert!(
+                    first_lsn > self.sent_lsn && !self.ready.contains_key(&first_lsn),
+                    "walld assigned LSN {first_lsn} twice (this writer has handed on up to {})",
                     self.sent_lsn
                 );
-                self.sent_lsn = last_lsn;
                 self.counters.wal_appends.fetch_add(1, Ordering::Relaxed);
+                // walld's durable LSN is a prefix: this answer covers every
+                // LSN up to `last_lsn`, answered yet or not.
                 self.status.send_modify(|s| {
                     s.durable_lsn = s.durable_lsn.max(last_lsn);
                     if matches!(s.state, LinkState::DiskFull { .. }) {
                         s.state = LinkState::Serving;
                     }
                 });
-                let span = group_span(&batch, "write.apply", batch.len());
-                let txs = batch
-                    .into_iter()
-                    .map(|p| (p.record, Some(p.reply)))
-                    .collect();
-                self.send_to_applier(ApplyBatch {
-                    first_lsn,
-                    txs,
-                    span,
-                })
-                .await;
+                self.ready.insert(first_lsn, (last_lsn, batch));
+                while let Some(entry) = self.ready.first_entry() {
+                    if *entry.key() != self.sent_lsn + 1 {
+                        break;
+                    }
+                    let (first_lsn, (last_lsn, batch)) = entry.remove_entry();
+                    self.sent_lsn = last_lsn;
+                    let span = group_span(&batch, "write.apply", batch.len());
+                    let txs = batch
+                        .into_iter()
+                        .map(|p| (p.record, Some(p.reply)))
+                        .collect();
+                    self.send_to_applier(ApplyBatch {
+                        first_lsn,
+                        txs,
+                        span,
+                    })
+                    .await;
+                }
                 Ok(())
             }
             Err(e) if e.is_disk_full() => {
@@ -192,14 +256,27 @@ impl Batcher {
                 Ok(())
             }
             Err(e) => {
-                fail_all(
-                    batch,
-                    WriteError::Unavailable(format!(
-                        "WAL append failed, the write's outcome is unknown; retry with the same idempotency key: {e}"
-                    )),
-                );
+                fail_all(batch, outcome_unknown(&e));
                 Err(e)
             }
+        }
+    }
+
+    /// After a failed append: waits for the other appends in flight, hands
+    /// on what became contiguous, and answers the rest "outcome unknown"
+    /// (they wait behind LSNs that may or may not be durable). The catch-up
+    /// after reconnecting applies whatever walld did make durable.
+    async fn abandon<F: Future<Output = Answered>>(&mut self, in_flight: &mut FuturesUnordered<F>) {
+        while let Some(answered) = in_flight.next().await {
+            // Each failure answers its own group; the reconnect follows.
+            let _ = self.completed(answered).await;
+        }
+        let reason = WalError::Protocol(format!(
+            "an append before LSN {} failed",
+            self.ready.keys().next().copied().unwrap_or_default()
+        ));
+        for (_, (_, batch)) in std::mem::take(&mut self.ready) {
+            fail_all(batch, outcome_unknown(&reason));
         }
     }
 
@@ -355,6 +432,18 @@ fn group_span(batch: &[Pending], name: &'static str, records: usize) -> tracing:
         span.follows_from(&p.span);
     }
     span
+}
+
+/// A group that reached walld.
+struct Answered {
+    batch: Vec<Pending>,
+    result: Result<(u64, u64), WalError>,
+}
+
+fn outcome_unknown(e: &WalError) -> WriteError {
+    WriteError::Unavailable(format!(
+        "WAL append failed, the write's outcome is unknown; retry with the same idempotency key: {e}"
+    ))
 }
 
 fn fail_all(batch: Vec<Pending>, err: WriteError) {
