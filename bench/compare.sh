@@ -33,8 +33,9 @@
 # Peak RSS of walld + stemed (VmHWM, reset right before the cell) is taken
 # during the write c=256 cell.
 #
-# Recovery, after the rounds: a second StemeDB node, with checkpoints off so
-# its WAL keeps every record from LSN 1, is filled by stemectl bench (the
+# Recovery, after the rounds: a second StemeDB node, whose checkpoints
+# retain every WAL record (storage.wal_retain_records) so its WAL keeps
+# every record from LSN 1, is filled by stemectl bench (the
 # batch workload: 100-assertion transactions at concurrency 16) until walld
 # has written BENCH_RECOVERY_MB of WAL; then stemed stops, its store is
 # deleted, and stemed starts again over the same walld. The time from that
@@ -319,9 +320,10 @@ metric() { curl -sf "$STEMEDB_ADMIN/metrics" | awk -v n="$1" '$1 == n { printf "
 recovery=$dir/recovery.json
 stemedb_node_stop
 echo "==> recovery: writing ${recovery_mb} MiB of WAL" >&2
-export STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS=0
+# Checkpoints stay on (sled reclaims its log space only across flushes);
+# walld is asked to truncate nothing.
+export STEMEDB_STORAGE_WAL_RETAIN_RECORDS=1000000000000
 stemedb_node_start "$bin" "$dir/recovery"
-unset STEMEDB_STORAGE_CHECKPOINT_INTERVAL_MS
 recovery_bytes_target=$(( recovery_mb * 1024 * 1024 ))
 wal_bytes=0
 assertions=0
@@ -340,6 +342,7 @@ echo "==> recovery: replaying ${records} records into a new store" >&2
 t0=$(date +%s.%N)
 stemedb_stemed_start 3600
 t1=$(date +%s.%N)
+unset STEMEDB_STORAGE_WAL_RETAIN_RECORDS
 applied=$(curl -sf "$STEMEDB_ADMIN/v1/admin/status" | jq -r '.applied_lsn')
 [ "$applied" = "$records" ] || { echo "compare: recovery applied $applied of $records records" >&2; exit 1; }
 jq -n --argjson wal_bytes "$wal_bytes" --argjson records "$records" --argjson assertions "$assertions" \

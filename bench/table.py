@@ -173,7 +173,7 @@ def main():
         "stemed's VmHWM, reset just before the cell. Clients: stemectl bench (StemeDB), "
         "stemedb-peer-bench (etcd, gRPC KV API), pgbench -M prepared -j 2 (PostgreSQL), one "
         "closed-loop process each, on the same cores as the servers. Recovery: a second node "
-        "with checkpoints off, filled with 100-assertion transactions "
+        "whose checkpoints truncate no WAL, filled with 100-assertion transactions "
         f'({recovery["value_bytes"] if recovery else "-"} value bytes) until walld wrote that much WAL; '
         "stemed stopped, its store deleted, and the time from stemed's start until /readyz "
         "said ready (all records applied), in that row's p50 column.")

@@ -129,7 +129,9 @@ pub struct StorageConfig {
     /// How long idempotency keys are remembered.
     pub idempotency_retention_secs: u64,
     /// How often sled is flushed and the WAL truncated below the flushed
-    /// `applied_lsn` (a checkpoint). 0 disables checkpoints.
+    /// `applied_lsn` (a checkpoint). 0 disables checkpoints: then the WAL
+    /// is never truncated, and sled, which reclaims its log space only
+    /// across flushes, grows with every write (for tests only).
     pub checkpoint_interval_ms: u64,
     /// Records kept in the WAL below the checkpoint (retention).
     pub wal_retain_records: u64,

@@ -64,6 +64,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         writer_id: format!("stemed-{}", std::process::id()),
     };
     let write_path = WritePath::start(&config, store.clone(), hub.clone(), link, ops.clone());
+    // Checkpoints run during the replay too: a long replay then restarts
+    // from its last checkpoint after a crash, and sled, which only reclaims
+    // its log space across flushes, does not grow without bound (replaying
+    // 560 MB of WAL unflushed took 8 GB of sled log).
+    let checkpoints = Arc::new(CheckpointStats::default());
+    tokio::spawn(checkpoint::run(
+        store.clone(),
+        socket.clone(),
+        config.checkpoint_interval(),
+        config.storage.wal_retain_records,
+        checkpoints.clone(),
+    ));
     tracing::info!(socket = %socket.display(), "connecting to walld and replaying the WAL");
     tokio::select! {
         _ = write_path.wait_serving() => {}
@@ -75,14 +87,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(applied_lsn = store.applied_lsn(), "caught up with walld");
 
-    let checkpoints = Arc::new(CheckpointStats::default());
-    tokio::spawn(checkpoint::run(
-        store.clone(),
-        socket.clone(),
-        config.checkpoint_interval(),
-        config.storage.wal_retain_records,
-        checkpoints.clone(),
-    ));
     tokio::spawn(purge_idempotency_keys(store.clone()));
 
     let (grpc_listener, admin_listener) = listeners::api_listeners(&config.server).await?;

@@ -184,13 +184,17 @@ impl Batcher {
     /// Stage 4: one WAL append, durable when it returns. Up to
     /// `wal.appends_in_flight_max` are in flight, so the next group travels
     /// to walld while walld fsyncs the previous one.
-    fn start_append(&self, batch: Vec<Pending>) -> impl Future<Output = Answered> {
+    fn start_append(&self, mut batch: Vec<Pending>) -> impl Future<Output = Answered> {
         let appender = self
             .link
             .as_ref()
             .expect("append without a session")
             .appender();
-        let records: Vec<Vec<u8>> = batch.iter().map(|p| p.encoded.clone()).collect();
+        // The encoded records move into the request: nothing reads them after.
+        let records: Vec<Vec<u8>> = batch
+            .iter_mut()
+            .map(|p| std::mem::take(&mut p.encoded))
+            .collect();
         // One append serves many requests: it is a child of the first and
         // linked from the others, so each request's trace reaches walld.
         let appending = group_span(&batch, "write.wal_append", records.len());

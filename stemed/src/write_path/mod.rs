@@ -86,6 +86,7 @@ pub(crate) type Reply = oneshot::Sender<Result<TxOutcome, WriteError>>;
 /// One admitted transaction on its way to the WAL.
 pub(crate) struct Pending {
     pub record: TxRecord,
+    /// The WAL record; empty once it moved into the append request.
     pub encoded: Vec<u8>,
     pub deadline: Instant,
     pub reply: Reply,
