@@ -315,8 +315,6 @@ for round in $(seq 1 "$rounds"); do
 done
 
 # --- recovery -----------------------------------------------------------------
-# metric NAME: one sample of the node's /metrics.
-metric() { curl -sf "$STEMEDB_ADMIN/metrics" | awk -v n="$1" '$1 == n { printf "%.0f\n", $2; exit }'; }
 recovery=$dir/recovery.json
 stemedb_node_stop
 echo "==> recovery: writing ${recovery_mb} MiB of WAL" >&2
@@ -332,10 +330,10 @@ while [ "$wal_bytes" -lt "$recovery_bytes_target" ]; do
     --warmup 0s --tx-size 100 --value-bytes "$recovery_value_bytes" --concurrency "$batch_c" \
     2>>"$dir/recovery/stemectl.log")
   assertions=$(( assertions + $(jq -r '.assertions' <<<"$out") ))
-  wal_bytes=$(metric stemedb_wal_write_bytes_total)
+  wal_bytes=$(stemedb_metric stemedb_wal_write_bytes_total)
   echo "    ${wal_bytes} of ${recovery_bytes_target} WAL bytes" >&2
 done
-records=$(curl -sf "$STEMEDB_ADMIN/v1/admin/status" | jq -r '.durable_lsn')
+records=$(stemedb_status durable_lsn)
 stemedb_stemed_stop
 rm -rf "$dir/recovery/data"
 echo "==> recovery: replaying ${records} records into a new store" >&2
@@ -343,7 +341,7 @@ t0=$(date +%s.%N)
 stemedb_stemed_start 3600
 t1=$(date +%s.%N)
 unset STEMEDB_STORAGE_WAL_RETAIN_RECORDS
-applied=$(curl -sf "$STEMEDB_ADMIN/v1/admin/status" | jq -r '.applied_lsn')
+applied=$(stemedb_status applied_lsn)
 [ "$applied" = "$records" ] || { echo "compare: recovery applied $applied of $records records" >&2; exit 1; }
 jq -n --argjson wal_bytes "$wal_bytes" --argjson records "$records" --argjson assertions "$assertions" \
   --argjson seconds "$(python3 -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$t0" "$t1")" \

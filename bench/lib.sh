@@ -139,6 +139,20 @@ stemedb_node_tail_logs() {
   return 0
 }
 
+# stemedb_metric NAME: the node's unlabelled /metrics sample NAME as an
+# integer (0 when absent).
+stemedb_metric() {
+  curl -sf "$STEMEDB_ADMIN/metrics" |
+    awk -v n="$1" '$1 == n { printf "%.0f\n", $2; found = 1; exit } END { if (!found) print 0 }'
+}
+
+# stemedb_status FIELD: a top-level number of the node's
+# /v1/admin/status (0 when absent).
+stemedb_status() {
+  curl -sf "$STEMEDB_ADMIN/v1/admin/status" |
+    python3 -c 'import json, sys; print(json.load(sys.stdin).get(sys.argv[1]) or 0)' "$1"
+}
+
 # bench_rss_reset PID...: resets the peak resident set size (VmHWM) of
 # each process to its current RSS (Linux clear_refs 5).
 bench_rss_reset() {

@@ -90,12 +90,8 @@ admin=$STEMEDB_ADMIN
 addr=$STEMEDB_ADDR
 echo "==> node up: walld + stemed from $bin; gRPC $addr, admin $admin; ${secs}s per cell after ${warmup}s warmup" >&2
 
-fsyncs() {
-  curl -sf "$admin/metrics" | awk '/^stemedb_wal_fsync_total/ { printf "%d\n", $2; found = 1 } END { if (!found) print 0 }'
-}
-durable_lsn() {
-  curl -sf "$admin/v1/admin/status" | python3 -c 'import json, sys; print(json.load(sys.stdin).get("durable_lsn") or 0)'
-}
+fsyncs() { stemedb_metric stemedb_wal_fsync_total; }
+durable_lsn() { stemedb_status durable_lsn; }
 
 results=$dir/results.jsonl
 : >"$results"

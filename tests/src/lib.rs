@@ -383,6 +383,12 @@ pub fn http_request(
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
+    Ok(parse_http_response(&resp))
+}
+
+/// (status, body) of a raw HTTP/1.1 response; status 0 when there is no
+/// status line.
+pub fn parse_http_response(resp: &str) -> (u16, String) {
     let status = resp
         .split_whitespace()
         .nth(1)
@@ -392,5 +398,5 @@ pub fn http_request(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    Ok((status, body))
+    (status, body)
 }

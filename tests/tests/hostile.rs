@@ -1547,17 +1547,7 @@ fn admin_raw(node: &Node, request: &[u8]) -> (u16, String) {
 fn read_response(s: &mut TcpStream) -> (u16, String) {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
-    let resp = String::from_utf8_lossy(&buf).to_string();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    stemedb_tests::parse_http_response(&String::from_utf8_lossy(&buf))
 }
 
 fn post(path: &str, body: &[u8]) -> Vec<u8> {

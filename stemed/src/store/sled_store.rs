@@ -1023,9 +1023,10 @@ fn entity_log_entries(lsn: u64, rec: &TxRecord) -> Vec<(Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-/// Writes per `apply` from which the inserts are split across threads
-/// (replay and large batches; a split costs a thread start, ~50 µs).
-const PARALLEL_INSERTS_MIN: usize = 4096;
+/// Inserts one thread takes at least when an `apply` is split across
+/// threads (replay and large batches; a thread start costs ~50 µs), so a
+/// split starts at twice this many.
+const INSERTS_PER_THREAD_MIN: usize = 2048;
 
 /// Inserts `writes` (distinct keys, so in any order). Large sets are split
 /// across up to four threads: sled's inserts are concurrent, and replaying
@@ -1038,7 +1039,7 @@ fn insert_all(tree: &sled::Tree, mut writes: Vec<(Vec<u8>, Vec<u8>)>) -> sled::R
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(4)
-        .min(writes.len() / PARALLEL_INSERTS_MIN * 2);
+        .min(writes.len() / INSERTS_PER_THREAD_MIN);
     if threads < 2 {
         return insert(writes);
     }
